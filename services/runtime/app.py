@@ -1,0 +1,306 @@
+"""The one loop every service runs: consume -> decode -> handle -> produce -> commit.
+
+A service provides a :class:`Processor`: the topics it reads with their decoders, and ``handle``, a
+plain function of a batch of decoded messages returning the messages to emit. The runtime owns
+everything else: batching, DLQ routing (decode errors and handler rejects, with the reason in
+headers), waiting for the broker to acknowledge the outputs *before* committing the offsets that
+produced them (at-least-once; nothing is lost when a process dies mid-batch), retries with
+back-off, metrics, the HTTP endpoints and graceful shutdown on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from services.runtime.http import Route, ServiceHTTP
+from services.runtime.kafka import make_consumer, make_producer
+from services.runtime.messages import Decoder, Incoming, Outgoing, Reject, Rejected, Transient
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DLQ_PREFIX = "streamlearn."
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """What a service contributes to the runtime. Optional hooks are looked up with ``getattr``:
+
+    - ``tick(now) -> list[Outgoing]``: called every loop iteration (timers, periodic events);
+    - ``assigned(partitions) -> dict[(topic, partition), offset]``: start offsets to seek to;
+    - ``revoked(partitions)``;
+    - ``committable(offsets) -> offsets | None``: which offsets may be committed now (a processor
+      that checkpoints its own state commits only what its checkpoint covers);
+    - ``ready() -> bool``; ``routes() -> {(method, path): handler}``; ``close()``.
+    """
+
+    name: str
+
+    def subscriptions(self) -> dict[str, Decoder]: ...
+
+    def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]: ...
+
+
+class StreamApp:
+    """Runs one :class:`Processor` against Kafka until stopped."""
+
+    def __init__(self, settings: Settings, processor: Processor, metrics: RuntimeMetrics,
+                 group_id: str | None = None):
+        self.settings = settings
+        self.processor = processor
+        self.metrics = metrics
+        self.name = processor.name
+        self.group_id = group_id or f"{settings.service.group_prefix}-{self.name}"
+        self.decoders = processor.subscriptions()
+        self.dlq_topic = settings.topics.name("dlq")
+        self._stop = threading.Event()
+        self._assigned: set[tuple[str, int]] = set()
+        self._delivery_errors: list[tuple[Outgoing, KafkaError]] = []
+        self._last_loop = time.monotonic()
+        self.http: ServiceHTTP | None = None
+        self.metrics.info.labels(self.name, VERSION, "at_least_once").set(1)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self._last_loop < 30.0
+
+    def ready(self) -> bool:
+        hook = getattr(self.processor, "ready", None)
+        ok = bool(self._assigned) and (hook() if hook else True)
+        self.metrics.ready.labels(self.name).set(1 if ok else 0)
+        return ok
+
+    def start_http(self) -> ServiceHTTP:
+        routes: dict[tuple[str, str], Route] = {}
+        if hasattr(self.processor, "routes"):
+            routes = self.processor.routes()
+        svc = self.settings.service
+        self.http = ServiceHTTP(svc.metrics_host, svc.metrics_port, self.metrics.exposition,
+                                self.healthy, self.ready, routes).start()
+        return self.http
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; then finish the batch in hand, commit, leave the group."""
+        svc = self.settings.service
+        self.producer = make_producer(self.settings.kafka)
+        self.consumer = make_consumer(self.settings.kafka, self.group_id, stats_cb=self.metrics.on_stats)
+        self.consumer.subscribe(list(self.decoders), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        log.info("%s consuming %s as group %s", self.name, list(self.decoders), self.group_id)
+        try:
+            while not self._stop.is_set():
+                self._process(self._next_batch(svc.batch_size, svc.poll_timeout_s))
+                self._last_loop = time.monotonic()
+                self.metrics.last_batch.labels(self.name).set(time.time())
+        finally:
+            self._shutdown()
+
+    def _next_batch(self, size: int, timeout: float) -> list[Message]:
+        """Block until one message is there (or ``timeout``), then take whatever else is already
+        fetched, up to ``size``: low latency when idle, big batches under load."""
+        first = self.consumer.poll(timeout)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(size - 1, 0)] if size > 1 else [first]
+
+    def _shutdown(self) -> None:
+        try:
+            self.producer.flush(10)
+        finally:
+            self.consumer.close()
+            closer = getattr(self.processor, "close", None)
+            if closer:
+                closer()
+            if self.http:
+                self.http.stop()
+            log.info("%s stopped", self.name)
+
+    # ---- rebalance -------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        hook = getattr(self.processor, "assigned", None)
+        if hook:
+            starts = hook([(p.topic, p.partition) for p in partitions])
+            for p in partitions:
+                if (p.topic, p.partition) in starts:
+                    p.offset = starts[(p.topic, p.partition)]
+        consumer.incremental_assign(partitions)
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("%s assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
+
+    def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
+        hook = getattr(self.processor, "revoked", None)
+        if hook:
+            hook([(p.topic, p.partition) for p in partitions])
+        if partitions:
+            consumer.incremental_unassign(partitions)
+        self._assigned -= {(p.topic, p.partition) for p in partitions}
+
+    # ---- one batch -------------------------------------------------------------------------------
+
+    def _process(self, messages: Sequence[Message]) -> None:
+        outputs: list[Outgoing] = []
+        decoded: list[Incoming] = []
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            if msg.error():
+                self._broker_error(msg.error())
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            offsets[(topic, partition)] = offset + 1
+            raw = msg.value() or b""
+            incoming = Incoming(topic, partition, offset, msg.key(), raw,
+                                timestamp_ms=msg.timestamp()[1])
+            self.metrics.messages_in.labels(self.name, topic).inc()
+            try:
+                incoming.value = self.decoders[topic](raw)
+            except Reject as reject:
+                outputs.append(self._dlq(incoming, reject))
+                continue
+            decoded.append(incoming)
+        if decoded:
+            self.metrics.batch_size.labels(self.name).observe(len(decoded))
+            started = time.perf_counter()
+            outputs.extend(self._handle(decoded))
+            self.metrics.handler_latency.labels(self.name).observe(time.perf_counter() - started)
+        tick = getattr(self.processor, "tick", None)
+        if tick:
+            outputs.extend(tick(time.time()))
+        if outputs:
+            self._produce_and_wait(outputs)
+        self._commit(offsets)
+
+    def _handle(self, batch: list[Incoming]) -> list[Outgoing]:
+        backoff = 0.1
+        while True:
+            try:
+                results = list(self.processor.handle(batch))
+                break
+            except Transient as exc:
+                self.metrics.errors.labels(self.name, "transient").inc()
+                log.warning("%s: transient failure (%s); retrying the batch in %.1fs", self.name, exc, backoff)
+                if self._stop.wait(backoff):
+                    raise SystemExit(f"{self.name}: stopped during a transient failure; offsets not committed")
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                return self._isolate(batch)
+        outputs = []
+        for result in results:
+            if isinstance(result, Rejected):
+                outputs.append(self._dlq(result.message, result.reject, result.extra))
+            else:
+                outputs.append(result)
+        return outputs
+
+    def _isolate(self, batch: list[Incoming]) -> list[Outgoing]:
+        """The handler raised on this batch: find the poison message by handling one at a time.
+
+        Stateful processors should return :class:`Rejected` per message instead of raising, so that
+        a batch is never half-applied before it is retried message by message."""
+        if len(batch) == 1:
+            log.exception("%s handler failed on %s[%d]@%d", self.name, batch[0].topic,
+                          batch[0].partition, batch[0].offset)
+            self.metrics.errors.labels(self.name, "handler").inc()
+            return [self._dlq(batch[0], Reject("handler_error", "handler raised; see service log"))]
+        return [out for msg in batch for out in self._handle([msg])]
+
+    def _dlq(self, message: Incoming, reject: Reject, extra: dict[str, str] | None = None) -> Outgoing:
+        self.metrics.dlq.labels(self.name, message.topic, reject.reason, reject.field or "").inc()
+        headers = {
+            "reason": reject.reason,
+            "error": reject.error,
+            "field": reject.field or "",
+            "service": self.name,
+            "source.topic": message.topic,
+            "source.partition": str(message.partition),
+            "source.offset": str(message.offset),
+            "schema.version": "" if reject.schema_version is None else str(reject.schema_version),
+            **(extra or {}),
+        }
+        return Outgoing(self.dlq_topic, message.raw, message.key,
+                        [(DLQ_PREFIX + k, v.encode()) for k, v in headers.items()])
+
+    def _produce_and_wait(self, outputs: list[Outgoing]) -> None:
+        """Produce ``outputs`` and block until the broker acknowledged every one of them; failed
+        deliveries are re-produced with back-off (never dropped, never committed past)."""
+        pending = outputs
+        backoff = 0.1
+        while pending:
+            self._delivery_errors = []
+            for out in pending:
+                self._produce(out)
+            remaining = self.producer.flush(30)
+            if remaining == 0 and not self._delivery_errors:
+                return
+            failed = [out for out, _ in self._delivery_errors]
+            self.metrics.produce_retries.labels(self.name).inc()
+            self.metrics.errors.labels(self.name, "delivery").inc()
+            log.warning("%s: %d deliveries failed (%s), %d unacknowledged; retrying in %.1fs",
+                        self.name, len(failed), self._delivery_errors[0][1] if failed else "-",
+                        remaining, backoff)
+            if remaining:
+                # still in flight: they will be reported; wait for them before re-producing
+                self.producer.flush()
+                failed = [out for out, _ in self._delivery_errors]
+            pending = failed
+            if pending:
+                if self._stop.wait(backoff):
+                    raise SystemExit(f"{self.name}: stopped with undelivered outputs; offsets not committed")
+                backoff = min(backoff * 2, 5.0)
+
+    def _produce(self, out: Outgoing) -> None:
+        key, value = out.encoded()
+
+        def delivered(err: KafkaError | None, _msg: Message, out: Outgoing = out) -> None:
+            if err is not None:
+                self._delivery_errors.append((out, err))
+            else:
+                self.metrics.messages_out.labels(self.name, out.topic).inc()
+
+        while True:
+            try:
+                self.producer.produce(out.topic, value, key, headers=out.headers, on_delivery=delivered)
+                return
+            except BufferError:
+                self.producer.poll(0.1)  # local queue full: serve delivery callbacks, then retry
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        hook = getattr(self.processor, "committable", None)
+        if hook:
+            offsets = hook(offsets) or {}
+        offsets = {tp: off for tp, off in offsets.items() if tp in self._assigned}
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=False)
+            self.metrics.commits.labels(self.name).inc()
+        except KafkaException as exc:
+            # e.g. a rebalance revoked the partition: the new owner re-processes (at-least-once)
+            self.metrics.errors.labels(self.name, "commit").inc()
+            log.warning("%s: commit failed: %s", self.name, exc)
+
+    def _broker_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        self.metrics.errors.labels(self.name, "consume").inc()
+        log.warning("%s: consumer error: %s", self.name, err)
+        if err.fatal():
+            raise KafkaException(err)

@@ -1,0 +1,98 @@
+"""Scorer: predicts every feature vector with the current champion, hot-swapping versions.
+
+Consumes: ``features`` (:class:`schemas.Features`), and follows ``models`` (announcements; the
+signed artifact is loaded from the registry and verified before use).
+Produces: ``predictions`` (:class:`schemas.Prediction`, keyed by entity), each naming the model
+version that made it.
+
+Scoring is pure inference: River pipelines only update unsupervised steps (e.g. a scaler) during
+``predict_one`` inside ``compose.learn_during_predict()``, which the scorer never enters. Until the
+first version is published the scorer serves version 0: the spec's model, untrained (River's
+progressive validation predicts with the untrained model too).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from schemas import Features, Prediction
+from services.runtime.messages import Decoder, Incoming, Outgoing, Rejected, schema_decoder
+from services.runtime.metrics import RuntimeMetrics
+from services.runtime.redis_client import make_redis
+from services.runtime.registry import ModelRegistry, Signer
+from services.runtime.river_models import build_pipeline
+from services.runtime.settings import Settings
+from services.runtime.spec import PipelineSpec, load_spec
+from services.scorer.models import ModelFollower, Served
+
+
+def predict(model, task: str, x: dict) -> tuple[object, dict[str, float] | None]:
+    """(prediction, class probabilities or None) for one feature dict."""
+    if task == "regression":
+        return model.predict_one(x), None
+    proba = model.predict_proba_one(x)
+    if not proba:
+        return None, {}
+    label = max(proba, key=proba.get)
+    return label, {str(k): float(v) for k, v in proba.items()}
+
+
+class ScorerProcessor:
+    name = "scorer"
+
+    def __init__(self, spec: PipelineSpec, settings: Settings, metrics: RuntimeMetrics,
+                 follower: ModelFollower | None):
+        self.spec = spec
+        self.task = spec.model.task
+        self.features_topic = settings.topics.name("features")
+        self.predictions_topic = settings.topics.name("predictions")
+        self.follower = follower
+        self.initial = Served(spec.model.name, 0, build_pipeline(spec.model.pipeline))
+        self.scored = metrics.counter("streamlearn_predictions_total", "Predictions made",
+                                      ["service", "model", "model_version"])
+        self.latency = metrics.histogram("streamlearn_prediction_latency_seconds",
+                                         "Event time to prediction produced", ["service", "model"])
+        self.scoring_time = metrics.histogram("streamlearn_scoring_seconds",
+                                              "Time to score one batch (model only)", ["service", "model"])
+
+    def subscriptions(self) -> dict[str, Decoder]:
+        return {self.features_topic: schema_decoder(Features)}
+
+    def ready(self) -> bool:
+        return self.follower is None or self.follower.caught_up.is_set()
+
+    def current(self) -> Served:
+        return self.follower.current if self.follower else self.initial
+
+    def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
+        served = self.current()  # one version for the whole batch
+        started = time.perf_counter()
+        results = [predict(served.model, self.task, msg.value.features) for msg in batch]
+        self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
+        now = time.time()
+        outputs = []
+        for msg, (prediction, proba) in zip(batch, results, strict=True):
+            f: Features = msg.value
+            latency = max(0.0, now - f.ts)
+            self.latency.labels(self.name, served.name).observe(latency)
+            outputs.append(Outgoing(self.predictions_topic, Prediction(
+                event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
+                model_version=served.version, prediction=prediction, proba=proba, scored_at=now,
+                latency_ms=latency * 1000), f.entity_id))
+        self.scored.labels(self.name, served.name, str(served.version)).inc(len(outputs))
+        return outputs
+
+    def close(self) -> None:
+        if self.follower:
+            self.follower.stop()
+
+
+def build(settings: Settings, metrics: RuntimeMetrics) -> ScorerProcessor:
+    spec = load_spec(settings.service.spec)
+    registry = ModelRegistry(make_redis(settings.redis), Signer(settings.service.signing_key()),
+                             settings.redis.namespace)
+    processor = ScorerProcessor(spec, settings, metrics, follower=None)
+    processor.follower = ModelFollower(settings.kafka, settings.topics.name("models"), registry,
+                                       processor.initial, metrics).start()
+    return processor

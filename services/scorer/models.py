@@ -1,0 +1,114 @@
+"""The scorer's view of the models topic: a follower thread that loads and verifies each announced
+version and swaps it in atomically. Scoring never waits for a load."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from pydantic import ValidationError
+
+from schemas import ModelAnnouncement, Stage
+from services.runtime.kafka import make_consumer
+from services.runtime.registry import ModelRegistry, SignatureError
+from services.runtime.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One immutable (name, version, model) triple: a batch is scored with exactly one of these."""
+
+    name: str
+    version: int
+    model: Any
+
+
+class ModelFollower:
+    """Reads the compacted models topic from the beginning (no consumer group: every replica sees
+    every announcement) and keeps :attr:`current` pointing at the champion of ``model_name``."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, registry: ModelRegistry, initial: Served,
+                 metrics, service: str = "scorer"):
+        self.kafka = kafka
+        self.topic = topic
+        self.registry = registry
+        self.current = initial
+        self.caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self.loads = metrics.counter("streamlearn_model_loads_total", "Model versions loaded",
+                                     ["service", "model", "result"])
+        self.version_gauge = metrics.gauge("streamlearn_model_version", "Model version being served",
+                                           ["service", "model", "stage"])
+        self.service = service
+        self.version_gauge.labels(service, initial.name, "champion").set(initial.version)
+
+    def start(self) -> ModelFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        consumer = make_consumer(self.kafka, f"scorer-follower-{uuid.uuid4().hex[:8]}",
+                                 **{"enable.partition.eof": True})
+        try:
+            meta = consumer.list_topics(self.topic, timeout=30).topics[self.topic]
+            partitions = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+            consumer.assign(partitions)
+            at_eof: set[int] = set()
+            while not self._stop.is_set():
+                msg = consumer.poll(0.1)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_eof.add(msg.partition())
+                        if len(at_eof) == len(partitions):
+                            self.caught_up.set()
+                    else:
+                        log.warning("models follower: %s", msg.error())
+                    continue
+                self._apply(msg.value())
+        except Exception:
+            log.exception("models follower crashed")
+            raise
+        finally:
+            consumer.close()
+
+    def _apply(self, raw: bytes | None) -> None:
+        if raw is None:  # tombstone
+            return
+        try:
+            ann = ModelAnnouncement.model_validate_json(raw)
+        except ValidationError as exc:
+            self.loads.labels(self.service, "?", "invalid_announcement").inc()
+            log.warning("ignoring invalid model announcement: %s", exc.errors()[0]["msg"])
+            return
+        if ann.model != self.current.name or ann.stage is not Stage.champion:
+            return
+        if ann.version == self.current.version:
+            return
+        try:
+            model = self.registry.load(ann.model, ann.version, expected_signature=ann.signature)
+        except SignatureError as exc:
+            self.loads.labels(self.service, ann.model, "refused").inc()
+            log.error("refused model %s v%d: %s; keeping v%d", ann.model, ann.version, exc,
+                      self.current.version)
+            return
+        except KeyError as exc:
+            self.loads.labels(self.service, ann.model, "missing").inc()
+            log.warning("%s; keeping v%d", exc, self.current.version)
+            return
+        self.current = Served(ann.model, ann.version, model)  # atomic reference swap
+        self.loads.labels(self.service, ann.model, "ok").inc()
+        self.version_gauge.labels(self.service, ann.model, "champion").set(ann.version)
+        log.debug("now serving %s v%d", ann.model, ann.version)
