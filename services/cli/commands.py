@@ -305,6 +305,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         redis_settings = redis_settings.model_copy(update={"url": _stack_redis_url(args.state_dir)})
     registry = ModelRegistry(make_redis(redis_settings), signer=None, namespace=redis_settings.namespace)
     if args.models_command == "list":
+        if not registry.models():
+            print("no model versions in the registry yet")
         for model in registry.models():
             champion = registry.champion(model)
             versions = registry.versions(model)
