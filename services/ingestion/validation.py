@@ -93,8 +93,9 @@ class EventValidator:
             except UnicodeDecodeError as uerr:
                 return Reject("encoding", f"not UTF-8: {uerr}"[:300], None, 1)
             return Reject(reason, err["msg"][:300], None, 1)
-        if kind == "model_type" or (kind == "model_attributes_type" and not loc):
-            return Reject("not_an_object", "an event must be a JSON object", None, 1)
+        if kind in ("model_type", "model_attributes_type", "dict_type"):
+            what = "an event" if not loc else f"field {field!r}"
+            return Reject("not_an_object", f"{what} must be a JSON object", field, 1)
         if loc == ["schema_version"]:
             reason = "schema_version"
         elif loc == ["type"] and kind == "literal_error":

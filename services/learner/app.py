@@ -84,20 +84,24 @@ class LearnerProcessor:
         self._batch_open = False
         self._last_publish = self._last_checkpoint = time.monotonic()
         m, labels = metrics, ["service", "model"]
-        self.m_examples = m.gauge("streamlearn_learner_examples_learned", "Examples learned (from checkpointed state)", labels)
-        self.m_pending = m.gauge("streamlearn_learner_join_pending", "Features and labels waiting in the join buffer", labels)
-        self.m_expired = m.gauge("streamlearn_learner_join_expired", "Join entries expired unmatched", labels + ["kind"])
-        self.m_delay = m.histogram("streamlearn_label_delay_seconds", "Event time of label minus event time of features",
-                                   labels, buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 86400))
+        self.m_examples = m.gauge("streamlearn_learner_examples_learned", "Examples learned", labels)
+        self.m_pending = m.gauge("streamlearn_learner_join_pending",
+                                 "Features and labels waiting in the join buffer", labels)
+        self.m_expired = m.gauge("streamlearn_learner_join_expired", "Join entries expired unmatched",
+                                 labels + ["kind"])
+        self.m_delay = m.histogram("streamlearn_label_delay_seconds",
+                                   "Event time of label minus event time of features", labels,
+                                   buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 86400))
         self.m_metric = m.gauge("streamlearn_learner_progressive_metric", "Prequential metric of the learner",
                                 labels + ["metric"])
-        self.m_published = m.gauge("streamlearn_learner_published_version", "Last published model version", labels)
+        self.m_published = m.gauge("streamlearn_learner_published_version", "Last published model version",
+                                   labels)
         self.m_publish_errors = m.counter("streamlearn_learner_publish_errors_total", "Failed publications",
                                           labels)
         self.m_checkpoint = m.histogram("streamlearn_checkpoint_seconds", "Time to write a checkpoint", labels)
         self.m_checkpoint_bytes = m.gauge("streamlearn_checkpoint_bytes", "Size of the last checkpoint", labels)
-        self.m_checkpoint_ts = m.gauge("streamlearn_checkpoint_timestamp_seconds", "When the last checkpoint was written",
-                                       labels)
+        self.m_checkpoint_ts = m.gauge("streamlearn_checkpoint_timestamp_seconds",
+                                       "When the last checkpoint was written", labels)
         self._export()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -190,21 +194,22 @@ class LearnerProcessor:
         offsets the checkpoint covers (never more)."""
         self.state.offsets.update(offsets)
         self._batch_open = False
+        self._export()
         ls = self.spec.learner
         due = (self._since_checkpoint >= ls.checkpoint_every
                or (offsets and time.monotonic() - self._last_checkpoint >= ls.checkpoint_interval_s))
-        if not due:
+        if not due or not self.checkpoint():
             return None
-        self.checkpoint()
         return dict(self.state.offsets)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
+        """Write model + join buffer + offsets as one signed value; False when Redis refused."""
         started = time.perf_counter()
         try:
             size = self.registry.save_checkpoint(self.checkpoint_name, self.state)
         except redis.RedisError as exc:
             log.warning("checkpoint failed (%s); will retry", exc)
-            return
+            return False
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         labels = (self.name, self.model_name)
@@ -212,6 +217,7 @@ class LearnerProcessor:
         self.m_checkpoint_bytes.labels(*labels).set(size)
         self.m_checkpoint_ts.labels(*labels).set(time.time())
         self._export()
+        return True
 
     def _export(self) -> None:
         labels = (self.name, self.model_name)

@@ -23,6 +23,8 @@ from services.runtime.metrics import RuntimeMetrics
 from services.runtime.settings import Settings
 from services.runtime.spec import PipelineSpec, load_spec
 
+KEEP_VERSIONS = 3
+
 
 class MonitorProcessor:
     name = "monitor"
@@ -37,8 +39,12 @@ class MonitorProcessor:
         self.feature_detectors = [d for d in self.detectors if d.kind == "data"]
         self._last_emit = time.monotonic()
         self._latest_version: dict[str, int] = {}
+        self._retired: dict[str, tuple[int, float]] = {}  # model -> (labelled, accuracy * labelled)
         lbl = ["service", "model", "model_version", "metric", "window"]
         self.m_quality = metrics.gauge("streamlearn_model_quality", "Quality of a model version", lbl)
+        self.m_quality_labelled = metrics.gauge(
+            "streamlearn_model_quality_labelled", "Labelled predictions behind the model_version='all' figure",
+            ["service", "model"])
         self.m_labelled = metrics.counter("streamlearn_monitor_labelled_total",
                                           "Predictions joined with their label", ["service", "model"])
         self.m_drift = metrics.counter("streamlearn_drift_detections_total", "Drift detections",
@@ -111,10 +117,9 @@ class MonitorProcessor:
         if time.monotonic() - self._last_emit < self.spec.monitor.quality_interval_s:
             return []
         self._last_emit = time.monotonic()
+        self._prune()
         out = []
         for (model, version, shadow), q in self.quality.items():
-            if version != self._latest_version.get(model) and not shadow:
-                continue  # report the version being served now; older ones keep their last gauge
             rolling, cumulative = q.rolling.get(), q.cumulative.get()
             self.m_quality.labels(self.name, model, str(version), q.metric_name, "rolling").set(rolling)
             self.m_quality.labels(self.name, model, str(version), q.metric_name, "cumulative").set(cumulative)
@@ -124,15 +129,35 @@ class MonitorProcessor:
         self._export_overall()
         return out
 
+    def _prune(self) -> None:
+        """Keep the newest ``KEEP_VERSIONS`` versions per model (a learning model publishes often:
+        older versions' gauges are removed so that label cardinality stays bounded). Their labelled
+        counts stay in the per-model 'all' figure."""
+        for model in {m for m, _, _ in self.quality}:
+            keys = sorted((k for k in self.quality if k[0] == model), key=lambda k: k[1])
+            for key in keys[:-KEEP_VERSIONS]:
+                q = self.quality.pop(key)
+                self._retired[model] = self._retired.get(model, (0, 0.0))
+                n, total = self._retired[model]
+                self._retired[model] = (n + q.labelled, total + q.cumulative.get() * q.labelled)
+                for window in ("rolling", "cumulative"):
+                    try:
+                        self.m_quality.remove(self.name, model, str(key[1]), q.metric_name, window)
+                    except KeyError:
+                        pass
+
     def _export_overall(self) -> None:
         """All versions of a model together: what an operator reads as 'the model's accuracy'."""
-        for model in {m for m, _, _ in self.quality}:
-            total = sum(q.labelled for (m, _, s), q in self.quality.items() if m == model and not s)
+        for model in {m for m, _, _ in self.quality} | set(self._retired):
+            total, weighted = self._retired.get(model, (0, 0.0))
+            for (m, _, shadow), q in self.quality.items():
+                if m == model and not shadow:
+                    total += q.labelled
+                    weighted += q.cumulative.get() * q.labelled
             if total:
-                weighted = sum(q.cumulative.get() * q.labelled
-                               for (m, _, s), q in self.quality.items() if m == model and not s)
                 self.m_quality.labels(self.name, model, "all", self._metric_name(), "cumulative").set(
                     weighted / total)
+                self.m_quality_labelled.labels(self.name, model).set(total)
 
     def _metric_name(self) -> str:
         return "mae" if self.task == "regression" else "accuracy"

@@ -197,7 +197,7 @@ class StreamApp:
                 self.metrics.errors.labels(self.name, "transient").inc()
                 log.warning("%s: transient failure (%s); retrying the batch in %.1fs", self.name, exc, backoff)
                 if self._stop.wait(backoff):
-                    raise SystemExit(f"{self.name}: stopped during a transient failure; offsets not committed")
+                    raise SystemExit(f"{self.name}: stopped during a transient failure; offsets not committed") from exc
                 backoff = min(backoff * 2, 5.0)
             except Exception:
                 return self._isolate(batch)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 PREFIX = "STREAMLEARN_"
 
@@ -26,14 +25,17 @@ class ConfigError(ValueError):
     """Bad configuration, detected at start. The message names the environment variable."""
 
 
-class _Group(BaseSettings):
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", env_ignore_empty=True)
+class _Group(BaseModel):
+    """A settings group; ``env_prefix`` + the upper-cased field name is its variable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    env_prefix: ClassVar[str] = PREFIX
 
 
 class KafkaSettings(_Group):
     """Kafka client settings, passed through to every producer and consumer."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX + "KAFKA_", frozen=True, extra="ignore")
+    env_prefix: ClassVar[str] = PREFIX + "KAFKA_"
 
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -83,7 +85,7 @@ class RedisSettings(_Group):
     """Redis online store / model registry. ``url`` may carry a password (``redis://:pw@host``) or
     use TLS (``rediss://``); it is a secret and never logged."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX + "REDIS_", frozen=True, extra="ignore")
+    env_prefix: ClassVar[str] = PREFIX + "REDIS_"
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     password: SecretStr | None = None
@@ -94,7 +96,7 @@ class RedisSettings(_Group):
 class TopicSettings(_Group):
     """Topic names. ``prefix`` is prepended to every name (tests use a random one)."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX + "TOPIC_", frozen=True, extra="ignore")
+    env_prefix: ClassVar[str] = PREFIX + "TOPIC_"
 
     prefix: str = ""
     events: str = "events"
@@ -118,7 +120,7 @@ class TopicSettings(_Group):
 class ServiceSettings(_Group):
     """What every service has: its spec, where it serves metrics, how it batches, its group."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore")
+    env_prefix: ClassVar[str] = PREFIX
 
     spec: str = "phishing"
     metrics_host: str = "127.0.0.1"
@@ -142,18 +144,18 @@ class ServiceSettings(_Group):
         return self.model_signing_key.get_secret_value().encode()
 
 
-S = TypeVar("S", bound=BaseSettings)
+S = TypeVar("S", bound=_Group)
 
 
 def _build(cls: type[S], env: Mapping[str, str]) -> S:
-    prefix = cls.model_config.get("env_prefix", "")
+    prefix = cls.env_prefix
     values = {
         name: env[prefix + name.upper()]
         for name in cls.model_fields
         if env.get(prefix + name.upper(), "") != ""
     }
     try:
-        # init values only: the mapping passed in is the single source (tests pass their own).
+        # the mapping passed in is the single source (tests pass their own)
         return cls.model_validate(values)
     except ValidationError as exc:
         problems = []
@@ -205,6 +207,6 @@ def env_var_names() -> set[str]:
     against this)."""
     names = set()
     for cls in (ServiceSettings, KafkaSettings, RedisSettings, TopicSettings):
-        prefix = cls.model_config.get("env_prefix", "")
+        prefix = cls.env_prefix
         names |= {prefix + name.upper() for name in cls.model_fields}
     return names

@@ -49,8 +49,10 @@ class ScorerProcessor:
         self.predictions_topic = settings.topics.name("predictions")
         self.follower = follower
         self.initial = Served(spec.model.name, 0, build_pipeline(spec.model.pipeline))
+        # no model_version label: a learning model gets a new version every few seconds, which would
+        # be unbounded cardinality; the version served is the streamlearn_model_version gauge
         self.scored = metrics.counter("streamlearn_predictions_total", "Predictions made",
-                                      ["service", "model", "model_version"])
+                                      ["service", "model"])
         self.latency = metrics.histogram("streamlearn_prediction_latency_seconds",
                                          "Event time to prediction produced", ["service", "model"])
         self.scoring_time = metrics.histogram("streamlearn_scoring_seconds",
@@ -80,7 +82,7 @@ class ScorerProcessor:
                 event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
                 model_version=served.version, prediction=prediction, proba=proba, scored_at=now,
                 latency_ms=latency * 1000), f.entity_id))
-        self.scored.labels(self.name, served.name, str(served.version)).inc(len(outputs))
+        self.scored.labels(self.name, served.name).inc(len(outputs))
         return outputs
 
     def close(self) -> None:

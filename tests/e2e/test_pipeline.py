@@ -17,6 +17,7 @@ from services.cli.datasets import examples, river_reference
 from services.cli.replay import Replayer
 from services.cli.stack import Stack
 from services.runtime.spec import load_spec
+from tests.conftest import wait_until
 from tests.kafka_helpers import read_topic, values
 
 DELAY = 50
@@ -34,7 +35,16 @@ def run_pipeline(stack: Stack) -> None:
         predictions = values(read_topic(stack.bootstrap, topics["predictions"]))
         models = values(read_topic(stack.bootstrap, topics["models"]))
         dlq = read_topic(stack.bootstrap, topics["dlq"]) if _has_messages(stack, topics["dlq"]) else []
-        quality = values(read_topic(stack.bootstrap, topics["quality"], timeout=30))
+        labels = {e.label["event_id"]: e.label["label"] for e in data}
+        monitor_url = stack.services["monitor"].metrics_url
+        # the monitor joined every prediction with its label and reports the same accuracy
+        wait_until(lambda: scrape(monitor_url, "streamlearn_model_quality_labelled") == [1250.0], 60,
+                   "the monitor to report on 1,250 labelled predictions")
+        overall = wait_until(lambda: scrape(monitor_url, "streamlearn_model_quality",
+                                            model_version="all", window="cumulative"), 30,
+                             "the monitor's overall accuracy gauge")
+        quality = wait_until(lambda: values(read_topic(stack.bootstrap, topics["quality"])), 30,
+                             "quality events")
 
     counts = Counter(p["event_id"] for p in predictions)
     expected = {e.event["event_id"] for e in data}
@@ -47,16 +57,27 @@ def run_pipeline(stack: Stack) -> None:
     versions = [p["model_version"] for p in predictions]
     assert min(versions) == 0 and max(versions) >= 1150, "later events were scored by a trained model"
 
-    labels = {e.label["event_id"]: e.label["label"] for e in data}
     accuracy = sum(p["prediction"] == labels[p["event_id"]] for p in predictions) / len(predictions)
     reference = river_reference(spec, None, DELAY)
     print(f"\npipeline accuracy {accuracy:.4f}, River progressive_val_score {reference:.4f}")
     assert abs(accuracy - reference) <= 0.01
 
     # the monitor saw the same predictions and labels
-    assert quality, "the monitor emitted quality events"
-    last = max(quality, key=lambda q: q["labelled"])
-    assert last["metric"] == "accuracy" and 0.0 <= last["cumulative"] <= 1.0
+    assert overall == [pytest.approx(accuracy, abs=1e-9)]
+    assert {q["metric"] for q in quality} == {"accuracy"}
+    assert all(0.0 <= q["value"] <= 1.0 and q["model"] == spec.model.name for q in quality)
+
+
+def scrape(url: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples of metric ``name`` at ``url`` whose labels include ``labels``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return [s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
 def _has_messages(stack: Stack, topic: str) -> bool:
