@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -67,7 +68,7 @@ class StreamApp:
         self._delivery_errors: list[tuple[Outgoing, KafkaError]] = []
         self._last_loop = time.monotonic()
         self.http: ServiceHTTP | None = None
-        self.metrics.info.labels(self.name, VERSION, "at_least_once").set(1)
+        self.transactional = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -96,10 +97,30 @@ class StreamApp:
                                 self.healthy, self.ready, routes).start()
         return self.http
 
+    def wants_transactions(self) -> bool:
+        """Exactly-once (Kafka transactions) for processors that ask for it (``exactly_once = True``)
+        unless ``STREAMLEARN_KAFKA_TRANSACTIONS=off``; ``on`` extends it to every processor that does
+        not manage its own offsets."""
+        mode = self.settings.kafka.transactions
+        if mode == "off" or hasattr(self.processor, "committable"):
+            return False
+        return mode == "on" or bool(getattr(self.processor, "exactly_once", False))
+
     def run(self) -> None:
         """Consume until :meth:`stop`; then finish the batch in hand, commit, leave the group."""
         svc = self.settings.service
-        self.producer = make_producer(self.settings.kafka)
+        self.transactional = self.wants_transactions()
+        if self.transactional:
+            self.producer = make_producer(self.settings.kafka, **{
+                "transactional.id": f"{self.group_id}-{uuid.uuid4().hex[:12]}",
+                "transaction.timeout.ms": 60000})
+            self.producer.init_transactions(60)
+        else:
+            self.producer = make_producer(self.settings.kafka)
+        guarantee = "exactly_once" if self.transactional else "at_least_once"
+        self.metrics.info.clear()
+        self.metrics.info.labels(self.name, VERSION, guarantee).set(1)
+        log.info("%s delivery guarantee: %s", self.name, guarantee)
         self.consumer = make_consumer(self.settings.kafka, self.group_id, stats_cb=self.metrics.on_stats)
         self.consumer.subscribe(list(self.decoders), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
@@ -159,12 +180,14 @@ class StreamApp:
         outputs: list[Outgoing] = []
         decoded: list[Incoming] = []
         offsets: dict[tuple[str, int], int] = {}
+        starts: dict[tuple[str, int], int] = {}
         for msg in messages:
             if msg.error():
                 self._broker_error(msg.error())
                 continue
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             offsets[(topic, partition)] = offset + 1
+            starts.setdefault((topic, partition), offset)
             raw = msg.value() or b""
             incoming = Incoming(topic, partition, offset, msg.key(), raw,
                                 timestamp_ms=msg.timestamp()[1])
@@ -183,9 +206,37 @@ class StreamApp:
         tick = getattr(self.processor, "tick", None)
         if tick:
             outputs.extend(tick(time.time()))
+        if self.transactional:
+            if outputs or offsets:
+                self._transact(outputs, offsets, starts)
+            return
         if outputs:
             self._produce_and_wait(outputs)
         self._commit(offsets)
+
+    def _transact(self, outputs: list[Outgoing], offsets: dict[tuple[str, int], int],
+                  starts: dict[tuple[str, int], int]) -> None:
+        """Outputs and the consumed offsets in one Kafka transaction: a ``read_committed`` reader
+        sees the batch's outputs exactly once, or not at all if the process dies before the commit."""
+        try:
+            self.producer.begin_transaction()
+            for out in outputs:
+                self._produce(out)
+            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self._assigned]
+            if positions:
+                self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(60)
+            self.metrics.commits.labels(self.name).inc()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not err.txn_requires_abort():
+                raise  # fatal (e.g. fenced by a newer instance): crash, restart, resume from committed
+            self.metrics.errors.labels(self.name, "transaction_abort").inc()
+            log.warning("%s: transaction aborted (%s); re-processing the batch", self.name, err)
+            self.producer.abort_transaction(30)
+            for (topic, partition), offset in starts.items():
+                if (topic, partition) in self._assigned:
+                    self.consumer.seek(TopicPartition(topic, partition, offset))
 
     def _handle(self, batch: list[Incoming]) -> list[Outgoing]:
         backoff = 0.1

@@ -13,6 +13,7 @@ progressive validation predicts with the untrained model too).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -25,6 +26,40 @@ from services.runtime.river_models import build_pipeline
 from services.runtime.settings import Settings
 from services.runtime.spec import PipelineSpec, load_spec
 from services.scorer.models import ModelFollower, Served
+
+log = logging.getLogger(__name__)
+
+
+# predict_proba_many builds a DataFrame per call: measured on the phishing pipeline (scaler + logistic
+# regression) it costs 100 us/event at 8 events, 9.7 at 100 and 2.7 at 500, against 3 us/event for
+# predict_proba_one. Batches are scored with *_many from this size on.
+MANY_THRESHOLD = 512
+STARTUP_CATCH_UP_S = 60.0
+
+
+def predict_batch(model, task: str, xs: list[dict]) -> list[tuple[object, dict[str, float] | None]]:
+    """Score a batch: ``predict_proba_many`` / ``predict_many`` for large batches when the model
+    offers them, ``*_one`` per message otherwise. Same results either way (to float rounding)."""
+    many = "predict_many" if task == "regression" else "predict_proba_many"
+    if len(xs) >= MANY_THRESHOLD and hasattr(model, many):
+        import pandas as pd
+
+        frame = pd.DataFrame(xs)
+        try:
+            if task == "regression":
+                return [(float(v), None) for v in model.predict_many(frame)]
+            probas = model.predict_proba_many(frame)
+        except (NotImplementedError, AttributeError, TypeError, ValueError):
+            pass  # e.g. a step without a *_many path: fall back to one by one
+        else:
+            out = []
+            for row in probas.to_dict(orient="records"):
+                if not row:
+                    out.append((None, {}))
+                    continue
+                out.append((max(row, key=row.get), {str(k): float(v) for k, v in row.items()}))
+            return out
+    return [predict(model, task, x) for x in xs]
 
 
 def predict(model, task: str, x: dict) -> tuple[object, dict[str, float] | None]:
@@ -40,6 +75,7 @@ def predict(model, task: str, x: dict) -> tuple[object, dict[str, float] | None]
 
 class ScorerProcessor:
     name = "scorer"
+    exactly_once = True  # outputs + offsets in one Kafka transaction where the broker supports it
 
     def __init__(self, spec: PipelineSpec, settings: Settings, metrics: RuntimeMetrics,
                  follower: ModelFollower | None):
@@ -70,7 +106,7 @@ class ScorerProcessor:
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
         served = self.current()  # one version for the whole batch
         started = time.perf_counter()
-        results = [predict(served.model, self.task, msg.value.features) for msg in batch]
+        results = predict_batch(served.model, self.task, [msg.value.features for msg in batch])
         self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
         now = time.time()
         outputs = []
@@ -97,4 +133,9 @@ def build(settings: Settings, metrics: RuntimeMetrics) -> ScorerProcessor:
     processor = ScorerProcessor(spec, settings, metrics, follower=None)
     processor.follower = ModelFollower(settings.kafka, settings.topics.name("models"), registry,
                                        processor.initial, metrics).start()
+    # a new replica serves the current champion from its first prediction: read the models topic
+    # to its end before consuming features
+    if not processor.follower.caught_up.wait(STARTUP_CATCH_UP_S):
+        log.warning("models topic not read to its end within %ss; serving v%d meanwhile",
+                    STARTUP_CATCH_UP_S, processor.follower.current.version)
     return processor

@@ -65,24 +65,37 @@ class ModelFollower:
             partitions = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions]
             consumer.assign(partitions)
             at_eof: set[int] = set()
+            pending: bytes | None = None  # while catching up, only the last announcement matters
             while not self._stop.is_set():
                 msg = consumer.poll(0.1)
                 if msg is None:
                     continue
                 if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        at_eof.add(msg.partition())
-                        if len(at_eof) == len(partitions):
-                            self.caught_up.set()
-                    else:
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("models follower: %s", msg.error())
+                        continue
+                    at_eof.add(msg.partition())
+                    if not self.caught_up.is_set() and len(at_eof) == len(partitions):
+                        if pending is not None:
+                            self._apply(pending)
+                        self.caught_up.set()
                     continue
-                self._apply(msg.value())
+                if self.caught_up.is_set():
+                    self._apply(msg.value())
+                elif self._is_champion_of_ours(msg.value()):
+                    pending = msg.value()
         except Exception:
             log.exception("models follower crashed")
             raise
         finally:
             consumer.close()
+
+    def _is_champion_of_ours(self, raw: bytes | None) -> bool:
+        try:
+            ann = ModelAnnouncement.model_validate_json(raw or b"")
+        except ValidationError:
+            return False
+        return ann.model == self.current.name and ann.stage is Stage.champion
 
     def _apply(self, raw: bytes | None) -> None:
         if raw is None:  # tombstone
