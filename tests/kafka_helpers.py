@@ -52,3 +52,15 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0, **extra) -> li
 
 def values(messages: list) -> list[dict]:
     return [orjson.loads(m.value()) for m in messages]
+
+
+def scrape(url: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples of metric ``name`` at ``url`` whose labels include ``labels``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return [s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]

@@ -18,7 +18,7 @@ from services.cli.replay import Replayer
 from services.cli.stack import Stack
 from services.runtime.spec import load_spec
 from tests.conftest import wait_until
-from tests.kafka_helpers import read_topic, values
+from tests.kafka_helpers import read_topic, scrape, values
 
 DELAY = 50
 
@@ -66,18 +66,6 @@ def run_pipeline(stack: Stack) -> None:
     assert overall == [pytest.approx(accuracy, abs=1e-9)]
     assert {q["metric"] for q in quality} == {"accuracy"}
     assert all(0.0 <= q["value"] <= 1.0 and q["model"] == spec.model.name for q in quality)
-
-
-def scrape(url: str, name: str, **labels: str) -> list[float]:
-    """Values of the samples of metric ``name`` at ``url`` whose labels include ``labels``."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return [s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
 def _has_messages(stack: Stack, topic: str) -> bool:
