@@ -304,6 +304,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if state_file.exists():  # a running stack wins over the environment, as for Kafka
         redis_settings = redis_settings.model_copy(update={"url": _stack_redis_url(args.state_dir)})
     registry = ModelRegistry(make_redis(redis_settings), signer=None, namespace=redis_settings.namespace)
+    if args.models_command == "reproduce":
+        return _reproduce(args, settings, registry)
     if args.models_command == "list":
         if not registry.models():
             print("no model versions in the registry yet")
@@ -324,6 +326,31 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise CliError("announcement not delivered")
     print(f"{ann.model}: champion is now v{ann.version}")
     return 0
+
+
+def _reproduce(args: argparse.Namespace, settings: Settings, registry) -> int:
+    from services.cli.reproduce import reproduce
+    from services.runtime.registry import Signer
+    from services.runtime.spec import load_spec
+
+    key_file = Path(args.state_dir) / "signing.key"
+    if settings.service.model_signing_key is not None:
+        key = settings.service.signing_key()
+    elif key_file.exists():
+        key = key_file.read_text().strip().encode()
+    else:
+        raise CliError("set STREAMLEARN_MODEL_SIGNING_KEY: the stored artifact is verified before loading")
+    registry.signer = Signer(key)
+    state_file = Path(args.state_dir) / "stack.json"
+    spec_name = args.spec or (load_state(args.state_dir)["spec"] if state_file.exists() else settings.service.spec)
+    kafka, topics = _kafka(args)
+    result = reproduce(load_spec(spec_name), registry, kafka, args.model, args.version, topics.name("labels"),
+                       args.sample)
+    verdict = "identical" if result.identical else "DIFFERENT"
+    print(f"{args.model} v{args.version}: rebuilt from {result.examples} examples; predictions on "
+          f"{result.sample} inputs {verdict} (max difference {result.max_difference:.3g})"
+          f"{'' if result.spec_matches else '; WARNING: spec hash differs from the version'}")
+    return 0 if result.identical else 1
 
 
 def _stack_redis_url(state_dir: Path):

@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("version", type=int)
     rb = models_sub.add_parser("rollback")
     rb.add_argument("model")
+    rp = models_sub.add_parser("reproduce", help="rebuild a version from its recorded Kafka offsets and compare")
+    rp.add_argument("model")
+    rp.add_argument("version", type=int)
+    rp.add_argument("--spec", default=None, help="spec of the model (default: the stack's / STREAMLEARN_SPEC)")
+    rp.add_argument("--sample", type=int, default=200)
     return p
 
 

@@ -12,59 +12,24 @@ to the checkpoint, for lag monitoring).
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 import redis
-from river import metrics as river_metrics
+import river
 
 from schemas import Features, Label, Stage
-from services.runtime.join import LabelJoin
+from services.learner.core import LearnerState, apply, new_state
+from services.runtime.app import VERSION
 from services.runtime.messages import Decoder, Incoming, Outgoing, Reject, Rejected, schema_decoder
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.redis_client import make_redis
 from services.runtime.registry import ModelRegistry, Signer
-from services.runtime.river_models import build_pipeline, check_task
 from services.runtime.settings import Settings
 from services.runtime.spec import PipelineSpec, load_spec
 
 log = logging.getLogger(__name__)
-
-_LABEL_TYPES = {"bool": (bool,), "int": (int,), "float": (float, int), "str": (str,)}
-
-
-def coerce_label(value: Any, kind: str) -> Any:
-    """Check a label against the spec's label type (0/1 accepted for bool).
-
-    >>> coerce_label(1, "bool"), coerce_label(2, "float")
-    (True, 2.0)
-    """
-    if kind == "bool" and isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
-        return bool(value)
-    if kind in ("int", "float") and isinstance(value, bool):
-        raise Reject("wrong_type", f"label {value!r} is not a {kind}", "label")
-    if not isinstance(value, _LABEL_TYPES[kind]):
-        raise Reject("wrong_type", f"label {value!r} is not a {kind}", "label")
-    return float(value) if kind == "float" else value
-
-
-def _metric_for(task: str):
-    return river_metrics.MAE() if task == "regression" else river_metrics.Accuracy()
-
-
-@dataclass
-class LearnerState:
-    """Everything a checkpoint holds; restored as one piece."""
-
-    model: Any
-    join: LabelJoin
-    metric: Any
-    examples_seen: int = 0
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
-    last_version: int = 0
-
 
 class LearnerProcessor:
     name = "learner"
@@ -107,10 +72,7 @@ class LearnerProcessor:
     # ---- state -----------------------------------------------------------------------------------
 
     def _fresh(self) -> LearnerState:
-        model = build_pipeline(self.spec.model.pipeline)
-        check_task(model, self.spec.model.task)
-        return LearnerState(model=model, metric=_metric_for(self.spec.model.task),
-                            join=LabelJoin(self.spec.label.join_ttl_s, self.spec.label.max_pending))
+        return new_state(self.spec)
 
     def _restore(self) -> LearnerState | None:
         state = self.registry.load_checkpoint(self.checkpoint_name)
@@ -129,31 +91,19 @@ class LearnerProcessor:
 
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
         outputs: list[Outgoing | Rejected] = []
-        join = self.state.join
         for msg in batch:
-            value = msg.value
-            if msg.topic == self.labels_topic:
-                try:
-                    y = coerce_label(value.label, self.spec.label.type)
-                except Reject as reject:
-                    outputs.append(Rejected(msg, reject))
-                    continue
-                matched = join.add_label(value.event_id, value.ts, y)
-            else:
-                matched = join.add_item(value.event_id, value.ts, value.features)
-            if matched is not None:
-                self._learn(*matched)
+            role = "labels" if msg.topic == self.labels_topic else "features"
+            try:
+                delay = apply(self.state, self.spec, role, msg.topic, msg.partition, msg.offset, msg.value)
+            except Reject as reject:
+                outputs.append(Rejected(msg, reject))
+                continue
+            if delay is not None:
+                self._since_publish += 1
+                self._since_checkpoint += 1
+                self.m_delay.labels(self.name, self.model_name).observe(max(0.0, delay))
         self._batch_open = True  # learned past the recorded offsets until committable() runs
         return outputs
-
-    def _learn(self, x: dict, y: Any, delay: float) -> None:
-        state = self.state
-        state.metric.update(y, state.model.predict_one(x))
-        state.model.learn_one(x, y)
-        state.examples_seen += 1
-        self._since_publish += 1
-        self._since_checkpoint += 1
-        self.m_delay.labels(self.name, self.model_name).observe(max(0.0, delay))
 
     def _publish_due(self) -> bool:
         ls = self.spec.learner
@@ -168,7 +118,8 @@ class LearnerProcessor:
             ann = self.registry.publish(
                 self.model_name, state.model, stage=Stage.champion, examples_seen=state.examples_seen,
                 spec_hash=self.spec.spec_hash(), metrics={state.metric.__class__.__name__.lower(): state.metric.get()},
-                keep=self.spec.learner.keep_versions)
+                extra=self._provenance(), keep=self.spec.learner.keep_versions,
+                lineage={"runs": state.lineage.runs, "truncated": state.lineage.truncated})
         except redis.RedisError as exc:
             # publishing is retried at the next tick; learning is never redone because of it
             self.m_publish_errors.labels(self.name, self.model_name).inc()
@@ -179,6 +130,13 @@ class LearnerProcessor:
         self._last_publish = time.monotonic()
         self.m_published.labels(self.name, self.model_name).set(ann.version)
         return Outgoing(self.models_topic, ann, self.model_name)
+
+    def _provenance(self) -> dict[str, object]:
+        """Code, library and data versions of a model version (Kafka offsets are the data version)."""
+        return {"code_version": VERSION, "river_version": river.__version__,
+                "python": platform.python_version(), "spec": self.spec.name,
+                "offset_ranges": self.state.lineage.ranges(),
+                "reproducible": not self.state.lineage.truncated}
 
     def tick(self, now: float) -> list[Outgoing]:
         """Called by the runtime after each batch: publish a version when due."""

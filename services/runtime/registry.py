@@ -24,6 +24,7 @@ import hmac
 import json
 import pickle
 import time
+import zlib
 from typing import Any
 
 import redis
@@ -90,8 +91,11 @@ class ModelRegistry:
 
     def publish(self, model: str, obj: Any, *, stage: Stage, examples_seen: int, spec_hash: str,
                 metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None,
-                keep: int = 20) -> ModelAnnouncement:
-        """Store a new signed version; return its announcement (the caller produces it)."""
+                lineage: dict[str, Any] | None = None, keep: int = 20) -> ModelAnnouncement:
+        """Store a new signed version; return its announcement (the caller produces it).
+
+        ``lineage`` (the consumed offset runs, possibly long) is stored zlib-compressed beside the
+        artifact; ``extra`` goes into the metadata."""
         signer = self._require_signer()
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         version = int(self.redis.incr(self._key(model, "next_version")))
@@ -102,8 +106,10 @@ class ModelRegistry:
             metrics=metrics or {}, spec_hash=spec_hash, created_at=time.time())
         meta = announcement.model_dump(mode="json") | {"extra": extra or {}}
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(announcement.artifact_key, mapping={"artifact": data, "signature": signature,
-                                                      "meta": json.dumps(meta)})
+        fields = {"artifact": data, "signature": signature, "meta": json.dumps(meta)}
+        if lineage is not None:
+            fields["lineage"] = zlib.compress(json.dumps(lineage).encode(), 6)
+        pipe.hset(announcement.artifact_key, mapping=fields)
         pipe.zadd(self._key(model, "versions"), {str(version): version})
         if stage is Stage.champion:
             pipe.set(self._key(model, "champion"), version)
@@ -142,6 +148,10 @@ class ModelRegistry:
         if raw is None:
             raise KeyError(f"{model} v{version}: no such version")
         return json.loads(raw)
+
+    def lineage(self, model: str, version: int) -> dict[str, Any] | None:
+        raw = self.redis.hget(self._key(model, "v", version), "lineage")
+        return None if raw is None else json.loads(zlib.decompress(raw))
 
     def versions(self, model: str) -> list[int]:
         return [int(v) for v in self.redis.zrange(self._key(model, "versions"), 0, -1)]

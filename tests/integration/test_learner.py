@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from services.cli.datasets import examples
+from services.cli.reproduce import reproduce
 from services.cli.stack import Stack
 from services.runtime.registry import ModelRegistry, Signer
 from services.runtime.river_models import build_pipeline
@@ -74,3 +75,12 @@ def test_kill_9_during_learning_learns_each_label_exactly_once(kafka_broker, red
         x = e.event["data"]
         assert served.predict_proba_one(x)[True] == pytest.approx(reference.predict_proba_one(x)[True], abs=1e-12)
     print(f"\n1250 labels, {kills} learner kills: learned 1250, final model equals the uninterrupted one")
+
+    # lineage: the version rebuilt from its recorded offsets predicts identically
+    meta = registry.meta(spec.model.name, final["version"])
+    assert meta["extra"]["river_version"] and meta["extra"]["reproducible"]
+    assert {r["topic"] for r in meta["extra"]["offset_ranges"]} == {stack.topics.name("features"),
+                                                                   stack.topics.name("labels")}
+    result = reproduce(spec, registry, stack.kafka_settings(), spec.model.name, final["version"],
+                       stack.topics.name("labels"))
+    assert result.identical and result.examples == 1250 and result.sample == 200 and result.spec_matches

@@ -18,7 +18,8 @@ from river import metrics as river_metrics
 
 from schemas import DriftEvent, Features, ModelAnnouncement, Prediction, QualityEvent, Stage
 from services.ingestion.app import IngestionProcessor
-from services.learner.app import LearnerProcessor, LearnerState
+from services.learner.app import LearnerProcessor
+from services.learner.core import LearnerState
 from services.monitor.app import MonitorProcessor
 from services.runtime.app import StreamApp
 from services.runtime.messages import Incoming, Outgoing, Reject, Rejected, Transient

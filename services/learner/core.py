@@ -1,0 +1,112 @@
+"""The learner's state and how one message changes it, free of I/O: the service and
+``streamlearn models reproduce`` run exactly this code.
+
+>>> from services.runtime.spec import load_spec
+>>> spec = load_spec("phishing")
+>>> state = new_state(spec)
+>>> apply(state, spec, "features", "features", 0, 7, {"event_id": "e", "ts": 1.0, "features": {"https": 1.0}})
+>>> apply(state, spec, "labels", "labels", 0, 3, {"event_id": "e", "ts": 2.0, "label": True})
+1.0
+>>> state.examples_seen, state.lineage.runs
+(1, [['features', 0, 7, 8], ['labels', 0, 3, 4]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import metrics as river_metrics
+
+from services.runtime.join import LabelJoin
+from services.runtime.messages import Reject
+from services.runtime.river_models import build_pipeline, check_task
+from services.runtime.spec import PipelineSpec
+
+_LABEL_TYPES = {"bool": (bool,), "int": (int,), "float": (float, int), "str": (str,)}
+MAX_LINEAGE_RUNS = 200_000
+
+
+def coerce_label(value: Any, kind: str) -> Any:
+    """Check a label against the spec's label type (0/1 accepted for bool).
+
+    >>> coerce_label(1, "bool"), coerce_label(2, "float")
+    (True, 2.0)
+    """
+    if kind == "bool" and isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if kind in ("int", "float") and isinstance(value, bool):
+        raise Reject("wrong_type", f"label {value!r} is not a {kind}", "label")
+    if not isinstance(value, _LABEL_TYPES[kind]):
+        raise Reject("wrong_type", f"label {value!r} is not a {kind}", "label")
+    return float(value) if kind == "float" else value
+
+
+@dataclass
+class Lineage:
+    """What a model learned from: the consumed messages as runs ``[topic, partition, from, to)`` in
+    consumption order (Kafka is the data version). Replaying the runs through :func:`apply`
+    rebuilds the model exactly."""
+
+    runs: list[list] = field(default_factory=list)
+    truncated: bool = False
+
+    def record(self, topic: str, partition: int, offset: int) -> None:
+        if self.runs:
+            last = self.runs[-1]
+            if last[0] == topic and last[1] == partition and last[3] == offset:
+                last[3] = offset + 1
+                return
+        if len(self.runs) >= MAX_LINEAGE_RUNS:
+            self.truncated = True  # too long to replay; older history is dropped
+            del self.runs[: MAX_LINEAGE_RUNS // 10]
+        self.runs.append([topic, partition, offset, offset + 1])
+
+    def ranges(self) -> list[dict[str, Any]]:
+        """Offset range per topic-partition: ``[{topic, partition, from, to}]``."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for topic, partition, start, end in self.runs:
+            span = spans.setdefault((topic, partition), [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+        return [{"topic": t, "partition": p, "from": a, "to": b} for (t, p), (a, b) in sorted(spans.items())]
+
+
+@dataclass
+class LearnerState:
+    """Everything a checkpoint holds; restored as one piece."""
+
+    model: Any
+    join: LabelJoin
+    metric: Any
+    examples_seen: int = 0
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    last_version: int = 0
+    lineage: Lineage = field(default_factory=Lineage)
+
+
+def new_state(spec: PipelineSpec) -> LearnerState:
+    model = build_pipeline(spec.model.pipeline)
+    check_task(model, spec.model.task)
+    metric = river_metrics.MAE() if spec.model.task == "regression" else river_metrics.Accuracy()
+    return LearnerState(model=model, metric=metric,
+                        join=LabelJoin(spec.label.join_ttl_s, spec.label.max_pending))
+
+
+def apply(state: LearnerState, spec: PipelineSpec, role: str, topic: str, partition: int, offset: int,
+          value: Any) -> float | None:
+    """Feed one decoded message (``role`` 'features' or 'labels'); returns the label delay when an
+    example was learned. Raises :class:`Reject` for a label of the wrong type (after recording it)."""
+    state.lineage.record(topic, partition, offset)
+    get = value.get if isinstance(value, dict) else lambda k: getattr(value, k)
+    if role == "labels":
+        y = coerce_label(get("label"), spec.label.type)
+        matched = state.join.add_label(get("event_id"), get("ts"), y)
+    else:
+        matched = state.join.add_item(get("event_id"), get("ts"), get("features"))
+    if matched is None:
+        return None
+    x, y, delay = matched
+    state.metric.update(y, state.model.predict_one(x))
+    state.model.learn_one(x, y)
+    state.examples_seen += 1
+    return delay
