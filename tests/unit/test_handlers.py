@@ -396,7 +396,7 @@ class FakeRegistry:
         self.saves += 1
         return len(blob)
 
-    def publish(self, model, obj, *, stage, examples_seen, spec_hash, metrics, keep):
+    def publish(self, model, obj, *, stage, examples_seen, spec_hash, metrics, keep, extra=None, lineage=None):
         if self.fail_publish is not None:
             raise self.fail_publish
         data = pickle.dumps(obj)
