@@ -16,7 +16,42 @@ class Example:
     label: dict[str, Any]
 
 
-_DATASETS = {"phishing": (datasets.Phishing, "page_visit")}
+class Sensors:
+    """A synthetic sensor stream for anomaly detection: three readings around a slow cycle, 2% of
+    them anomalous (a large excursion on one reading); the label says which. Seeded, so the same
+    stream every time.
+
+    >>> x, y = next(iter(Sensors(n=1)))
+    >>> sorted(x), y
+    (['pressure', 'temperature', 'vibration'], False)
+    """
+
+    def __init__(self, n: int = 2000, seed: int = 42, anomaly_rate: float = 0.02):
+        self.n, self.seed, self.anomaly_rate = n, seed, anomaly_rate
+
+    def __iter__(self):
+        import math
+        import random
+
+        rng = random.Random(self.seed)
+        for i in range(self.n):
+            phase = math.sin(i / 50)
+            x = {"temperature": 0.5 + 0.1 * phase + rng.gauss(0, 0.02),
+                 "vibration": 0.3 + rng.gauss(0, 0.03),
+                 "pressure": 0.6 - 0.05 * phase + rng.gauss(0, 0.02)}
+            anomalous = i > 100 and rng.random() < self.anomaly_rate
+            if anomalous:
+                name = rng.choice(sorted(x))
+                x[name] = min(1.0, max(0.0, x[name] + rng.choice((-1, 1)) * rng.uniform(0.3, 0.45)))
+            yield {k: min(1.0, max(0.0, v)) for k, v in x.items()}, anomalous
+
+
+_DATASETS = {
+    "phishing": (datasets.Phishing, "page_visit"),
+    "image_segments": (datasets.ImageSegments, "image_region"),
+    "trump_approval": (datasets.TrumpApproval, "poll_day"),
+    "sensors": (Sensors, "reading"),
+}
 
 
 def dataset_for(spec_name: str) -> tuple[Any, str]:
@@ -53,6 +88,8 @@ def river_reference(spec, limit: int | None, delay: int) -> float:
     from services.runtime.river_models import build_pipeline
 
     dataset, _ = dataset_for(spec.name)
+    if spec.model.task == "anomaly":
+        raise ValueError("progressive validation needs a supervised task")
     model = build_pipeline(spec.model.pipeline)
     metric = metrics.MAE() if spec.model.task == "regression" else metrics.Accuracy()
     stream = (xy for i, xy in enumerate(dataset) if limit is None or i < limit)

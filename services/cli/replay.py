@@ -97,14 +97,15 @@ class Replayer:
 
     def run(self, examples: Sequence[Example], delay: int, mode: str | float = "lockstep",
             progress: Callable[[ReplayResult], None] | None = None, step_timeout: float = 60.0,
-            final_timeout: float = 120.0) -> ReplayResult:
+            final_timeout: float = 120.0, labels: bool = True) -> ReplayResult:
+        """Replay ``examples``; ``labels=False`` sends events only (unsupervised tasks)."""
         started = time.monotonic()
         lockstep = mode == "lockstep"
         rate = 0.0 if lockstep else float(mode)
         res = self.result
         next_progress = 0.0
         for i, example in enumerate(examples):
-            if i >= delay:
+            if labels and i >= delay:
                 self._send("labels", examples[i - delay].label)
                 res.labels += 1
             if lockstep:
@@ -128,13 +129,14 @@ class Replayer:
             if progress and time.monotonic() >= next_progress:
                 progress(res)
                 next_progress = time.monotonic() + 0.25
-        for example in examples[max(0, len(examples) - delay):]:
+        for example in examples[max(0, len(examples) - delay):] if labels else []:
             self._send("labels", example.label)
             res.labels += 1
         self.producer.flush()
         ids = [e.event["event_id"] for e in examples]
         self._wait(lambda: all(eid in res.predictions for eid in ids), final_timeout, "every prediction")
-        self._wait(lambda: res.examples_seen >= res.labels, final_timeout, "the learner to learn every label")
+        if labels:
+            self._wait(lambda: res.examples_seen >= res.labels, final_timeout, "the learner to learn every label")
         res.seconds = time.monotonic() - started
         if progress:
             progress(res)

@@ -87,6 +87,8 @@ class LearnerProcessor:
     # ---- handling --------------------------------------------------------------------------------
 
     def subscriptions(self) -> dict[str, Decoder]:
+        if self.spec.model.task == "anomaly":
+            return {self.features_topic: schema_decoder(Features)}
         return {self.features_topic: schema_decoder(Features), self.labels_topic: schema_decoder(Label)}
 
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:

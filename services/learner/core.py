@@ -98,6 +98,12 @@ def apply(state: LearnerState, spec: PipelineSpec, role: str, topic: str, partit
     example was learned. Raises :class:`Reject` for a label of the wrong type (after recording it)."""
     state.lineage.record(topic, partition, offset)
     get = value.get if isinstance(value, dict) else lambda k: getattr(value, k)
+    if spec.model.task == "anomaly":  # unsupervised: learn every feature vector, no labels
+        if role == "features":
+            state.model.learn_one(get("features"))
+            state.examples_seen += 1
+            return 0.0
+        return None
     if role == "labels":
         y = coerce_label(get("label"), spec.label.type)
         matched = state.join.add_label(get("event_id"), get("ts"), y)

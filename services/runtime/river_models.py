@@ -78,6 +78,7 @@ def check_task(model: base.Estimator, task: str, where: str = "model") -> None:
     if isinstance(model, compose.Pipeline):
         final = list(model.steps.values())[-1]
     ok = {
+        "anomaly": isinstance(final, base.AnomalyDetector),
         "binary": isinstance(final, base.Classifier),
         "multiclass": isinstance(final, base.Classifier) and final._multiclass,
         "regression": isinstance(final, base.Regressor),

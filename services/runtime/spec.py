@@ -82,8 +82,9 @@ Step = dict[str, dict[str, Any]]
 
 class ModelSpec(_Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    task: Literal["binary", "multiclass", "regression"]
+    task: Literal["binary", "multiclass", "regression", "anomaly"]
     pipeline: list[Step] = Field(min_length=1)
+    anomaly_threshold: float = Field(default=0.8, description="anomaly task: score >= threshold is an anomaly")
 
     @field_validator("pipeline")
     @classmethod

@@ -37,40 +37,46 @@ MANY_THRESHOLD = 512
 STARTUP_CATCH_UP_S = 60.0
 
 
-def predict_batch(model, task: str, xs: list[dict]) -> list[tuple[object, dict[str, float] | None]]:
+Scored = tuple[object, dict[str, float] | None, float | None]  # prediction, class probabilities, score
+
+
+def predict_batch(model, task: str, xs: list[dict], threshold: float = 0.8) -> list[Scored]:
     """Score a batch: ``predict_proba_many`` / ``predict_many`` for large batches when the model
     offers them, ``*_one`` per message otherwise. Same results either way (to float rounding)."""
-    many = "predict_many" if task == "regression" else "predict_proba_many"
-    if len(xs) >= MANY_THRESHOLD and hasattr(model, many):
+    many = {"regression": "predict_many", "anomaly": None}.get(task, "predict_proba_many")
+    if len(xs) >= MANY_THRESHOLD and many and hasattr(model, many):
         import pandas as pd
 
         frame = pd.DataFrame(xs)
         try:
             if task == "regression":
-                return [(float(v), None) for v in model.predict_many(frame)]
+                return [(float(v), None, None) for v in model.predict_many(frame)]
             probas = model.predict_proba_many(frame)
         except (NotImplementedError, AttributeError, TypeError, ValueError):
             pass  # e.g. a step without a *_many path: fall back to one by one
         else:
-            out = []
+            out: list[Scored] = []
             for row in probas.to_dict(orient="records"):
                 if not row:
-                    out.append((None, {}))
+                    out.append((None, {}, None))
                     continue
-                out.append((max(row, key=row.get), {str(k): float(v) for k, v in row.items()}))
+                out.append((max(row, key=row.get), {str(k): float(v) for k, v in row.items()}, None))
             return out
-    return [predict(model, task, x) for x in xs]
+    return [predict(model, task, x, threshold) for x in xs]
 
 
-def predict(model, task: str, x: dict) -> tuple[object, dict[str, float] | None]:
-    """(prediction, class probabilities or None) for one feature dict."""
+def predict(model, task: str, x: dict, threshold: float = 0.8) -> Scored:
+    """(prediction, class probabilities or None, anomaly score or None) for one feature dict."""
     if task == "regression":
-        return model.predict_one(x), None
+        return model.predict_one(x), None, None
+    if task == "anomaly":
+        score = float(model.score_one(x))
+        return score >= threshold, None, score
     proba = model.predict_proba_one(x)
     if not proba:
-        return None, {}
+        return None, {}, None
     label = max(proba, key=proba.get)
-    return label, {str(k): float(v) for k, v in proba.items()}
+    return label, {str(k): float(v) for k, v in proba.items()}, None
 
 
 class ScorerProcessor:
@@ -106,17 +112,18 @@ class ScorerProcessor:
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
         served = self.current()  # one version for the whole batch
         started = time.perf_counter()
-        results = predict_batch(served.model, self.task, [msg.value.features for msg in batch])
+        results = predict_batch(served.model, self.task, [msg.value.features for msg in batch],
+                                self.spec.model.anomaly_threshold)
         self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
         now = time.time()
         outputs = []
-        for msg, (prediction, proba) in zip(batch, results, strict=True):
+        for msg, (prediction, proba, score) in zip(batch, results, strict=True):
             f: Features = msg.value
             latency = max(0.0, now - f.ts)
             self.latency.labels(self.name, served.name).observe(latency)
             outputs.append(Outgoing(self.predictions_topic, Prediction(
                 event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
-                model_version=served.version, prediction=prediction, proba=proba, scored_at=now,
+                model_version=served.version, prediction=prediction, proba=proba, score=score, scored_at=now,
                 latency_ms=latency * 1000), f.entity_id))
         self.scored.labels(self.name, served.name).inc(len(outputs))
         return outputs
