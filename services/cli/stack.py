@@ -37,6 +37,7 @@ def topic_layout(topics: TopicSettings, partitions: int) -> dict[str, tuple[int,
             layout[name] = (1, {})
         else:
             layout[name] = (partitions, {})
+    layout[topics.shadow_predictions()] = (partitions, {})
     return layout
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import redis
 import river
 
-from schemas import Features, Label, Stage
+from schemas import DriftEvent, Features, Label, Stage
 from services.learner.core import LearnerState, apply, new_state
 from services.runtime.app import VERSION
 from services.runtime.messages import Decoder, Incoming, Outgoing, Reject, Rejected, schema_decoder
@@ -41,6 +41,9 @@ class LearnerProcessor:
         self.features_topic = settings.topics.name("features")
         self.labels_topic = settings.topics.name("labels")
         self.models_topic = settings.topics.name("models")
+        self.drift_topic = settings.topics.name("drift")
+        self._metric_name = "mae" if spec.model.task == "regression" else "accuracy"
+        self.roles = {self.features_topic: "features", self.labels_topic: "labels", self.drift_topic: "drift"}
         self.registry = registry
         self.checkpoint_name = f"learner:{spec.name}:{self.model_name}"
         self.state = self._restore() or self._fresh()
@@ -57,10 +60,12 @@ class LearnerProcessor:
         self.m_delay = m.histogram("streamlearn_label_delay_seconds",
                                    "Event time of label minus event time of features", labels,
                                    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 86400))
-        self.m_metric = m.gauge("streamlearn_learner_progressive_metric", "Prequential metric of the learner",
-                                labels + ["metric"])
+        self.m_metric = m.gauge("streamlearn_learner_progressive_metric",
+                                "Prequential (predict-then-learn) metric per model", labels + ["metric", "window"])
         self.m_published = m.gauge("streamlearn_learner_published_version", "Last published model version",
                                    labels)
+        self.m_lifecycle = m.counter("streamlearn_learner_lifecycle_events_total",
+                                     "Champion promotions, resets and drift challengers", labels + ["event"])
         self.m_publish_errors = m.counter("streamlearn_learner_publish_errors_total", "Failed publications",
                                           labels)
         self.m_checkpoint = m.histogram("streamlearn_checkpoint_seconds", "Time to write a checkpoint", labels)
@@ -87,14 +92,17 @@ class LearnerProcessor:
     # ---- handling --------------------------------------------------------------------------------
 
     def subscriptions(self) -> dict[str, Decoder]:
-        if self.spec.model.task == "anomaly":
-            return {self.features_topic: schema_decoder(Features)}
-        return {self.features_topic: schema_decoder(Features), self.labels_topic: schema_decoder(Label)}
+        subs = {self.features_topic: schema_decoder(Features)}
+        if self.spec.model.task != "anomaly":
+            subs[self.labels_topic] = schema_decoder(Label)
+        if self.spec.learner.on_drift != "ignore":
+            subs[self.drift_topic] = schema_decoder(DriftEvent)
+        return subs
 
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
         outputs: list[Outgoing | Rejected] = []
         for msg in batch:
-            role = "labels" if msg.topic == self.labels_topic else "features"
+            role = self.roles[msg.topic]
             try:
                 delay = apply(self.state, self.spec, role, msg.topic, msg.partition, msg.offset, msg.value)
             except Reject as reject:
@@ -109,29 +117,44 @@ class LearnerProcessor:
 
     def _publish_due(self) -> bool:
         ls = self.spec.learner
+        if self.state.events:
+            return True  # a promotion or a reset is announced at once
         if self._since_publish == 0:
             return False
         return (self._since_publish >= ls.publish_every
                 or time.monotonic() - self._last_publish >= ls.publish_interval_s)
 
-    def _publish(self) -> Outgoing | None:
+    def _publish(self) -> list[Outgoing]:
+        """A new version of the champion and of every challenger (shadow-scored by the scorer)."""
         state = self.state
-        try:
-            ann = self.registry.publish(
-                self.model_name, state.model, stage=Stage.champion, examples_seen=state.examples_seen,
-                spec_hash=self.spec.spec_hash(), metrics={state.metric.__class__.__name__.lower(): state.metric.get()},
-                extra=self._provenance(), keep=self.spec.learner.keep_versions,
-                lineage={"runs": state.lineage.runs, "truncated": state.lineage.truncated})
-        except redis.RedisError as exc:
-            # publishing is retried at the next tick; learning is never redone because of it
-            self.m_publish_errors.labels(self.name, self.model_name).inc()
-            log.warning("publishing %s failed (%s); will retry", self.model_name, exc)
-            return None
-        state.last_version = ann.version
+        events, state.events = state.events, []
+        candidates = [(self.model_name, state.model, Stage.champion, state.metric.get(), events)]
+        candidates += [(f"{self.model_name}.{ch.name}", ch.model, Stage.challenger, ch.window.get(), [])
+                       for ch in state.challengers.values()]
+        outputs = []
+        for name, model, stage, metric, model_events in candidates:
+            try:
+                ann = self.registry.publish(
+                    name, model, stage=stage, examples_seen=state.examples_seen, spec_hash=self.spec.spec_hash(),
+                    metrics={self._metric_name: metric}, extra=self._provenance() | {"events": model_events},
+                    keep=self.spec.learner.keep_versions,
+                    lineage={"runs": state.lineage.runs, "truncated": state.lineage.truncated})
+            except redis.RedisError as exc:
+                # publishing is retried at the next tick; learning is never redone because of it
+                self.m_publish_errors.labels(self.name, name).inc()
+                log.warning("publishing %s failed (%s); will retry", name, exc)
+                state.events = events + state.events
+                return outputs
+            outputs.append(Outgoing(self.models_topic, ann, name))
+            self.m_published.labels(self.name, name).set(ann.version)
+            if stage is Stage.champion:
+                state.last_version = ann.version
+        for event in events:
+            log.info("%s: %s", self.model_name, event)
+            self.m_lifecycle.labels(self.name, self.model_name, event["event"]).inc()
         self._since_publish = 0
         self._last_publish = time.monotonic()
-        self.m_published.labels(self.name, self.model_name).set(ann.version)
-        return Outgoing(self.models_topic, ann, self.model_name)
+        return outputs
 
     def _provenance(self) -> dict[str, object]:
         """Code, library and data versions of a model version (Kafka offsets are the data version)."""
@@ -142,10 +165,7 @@ class LearnerProcessor:
 
     def tick(self, now: float) -> list[Outgoing]:
         """Called by the runtime after each batch: publish a version when due."""
-        if not self._publish_due():
-            return []
-        announcement = self._publish()
-        return [announcement] if announcement else []
+        return self._publish() if self._publish_due() else []
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
@@ -186,7 +206,11 @@ class LearnerProcessor:
         self.m_pending.labels(*labels).set(len(s.join))
         self.m_expired.labels(*labels, "features").set(s.join.expired_features)
         self.m_expired.labels(*labels, "labels").set(s.join.expired_labels)
-        self.m_metric.labels(*labels, s.metric.__class__.__name__.lower()).set(s.metric.get())
+        self.m_metric.labels(*labels, self._metric_name, "cumulative").set(s.metric.get())
+        self.m_metric.labels(*labels, self._metric_name, "rolling").set(s.window.get())
+        for ch in s.challengers.values():
+            self.m_metric.labels(self.name, f"{self.model_name}.{ch.name}", self._metric_name, "rolling").set(
+                ch.window.get())
 
     def close(self) -> None:
         if not self._batch_open:  # never checkpoint learning whose offsets were not recorded

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from river import metrics as river_metrics
+from river import utils
 
 from services.runtime.join import LabelJoin
 from services.runtime.messages import Reject
@@ -72,6 +73,16 @@ class Lineage:
 
 
 @dataclass
+class Challenger:
+    """A model trained on the same stream as the champion, with its prequential window."""
+
+    name: str
+    model: Any
+    window: Any
+    examples: int = 0
+
+
+@dataclass
 class LearnerState:
     """Everything a checkpoint holds; restored as one piece."""
 
@@ -82,14 +93,78 @@ class LearnerState:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     last_version: int = 0
     lineage: Lineage = field(default_factory=Lineage)
+    window: Any = None  # the champion's prequential metric over the promotion window
+    challengers: dict[str, Challenger] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)  # promotions / resets, for the service to announce
+
+
+def _metric(task: str) -> Any:
+    return river_metrics.MAE() if task == "regression" else river_metrics.Accuracy()
+
+
+def _window(spec: PipelineSpec) -> Any:
+    size = spec.model.promotion.window if spec.model.promotion else 500
+    return utils.Rolling(river_metrics.MAE if spec.model.task == "regression" else river_metrics.Accuracy,
+                         window_size=size)
+
+
+def _build(spec: PipelineSpec, steps: list, where: str) -> Any:
+    model = build_pipeline(steps, where)
+    check_task(model, spec.model.task)
+    return model
 
 
 def new_state(spec: PipelineSpec) -> LearnerState:
-    model = build_pipeline(spec.model.pipeline)
-    check_task(model, spec.model.task)
-    metric = river_metrics.MAE() if spec.model.task == "regression" else river_metrics.Accuracy()
-    return LearnerState(model=model, metric=metric,
-                        join=LabelJoin(spec.label.join_ttl_s, spec.label.max_pending))
+    state = LearnerState(model=_build(spec, spec.model.pipeline, "model.pipeline"),
+                         metric=_metric(spec.model.task), window=_window(spec),
+                         join=LabelJoin(spec.label.join_ttl_s, spec.label.max_pending))
+    for i, ch in enumerate(spec.model.challengers):
+        state.challengers[ch.name] = Challenger(ch.name, _build(spec, ch.pipeline, f"model.challengers.{i}.pipeline"),
+                                                _window(spec))
+    return state
+
+
+def _better(spec: PipelineSpec, challenger: float, champion: float) -> bool:
+    margin = spec.model.promotion.margin if spec.model.promotion else 0.0
+    if spec.model.task == "regression":  # an error: lower is better
+        return challenger < champion - margin
+    return challenger > champion + margin
+
+
+def _maybe_promote(state: LearnerState, spec: PipelineSpec) -> None:
+    """Swap a challenger in as champion when it is better by the margin over the full window."""
+    promo = spec.model.promotion
+    if promo is None or len(state.window.window) < promo.window:  # champion window not full yet
+        return
+    best = None
+    for ch in state.challengers.values():
+        if ch.examples >= promo.min_examples and len(ch.window.window) >= promo.window \
+                and _better(spec, ch.window.get(), state.window.get()):
+            if best is None or _better(spec, ch.window.get(), best.window.get()):
+                best = ch
+    if best is None:
+        return
+    state.events.append({"event": "promotion", "challenger": best.name, "at_example": state.examples_seen,
+                         "challenger_metric": best.window.get(), "champion_metric": state.window.get()})
+    # the old champion keeps learning in the challenger's slot (and can win back)
+    state.model, best.model = best.model, state.model
+    state.window, best.window = best.window, state.window
+
+
+def _react_to_drift(state: LearnerState, spec: PipelineSpec, drift: Any) -> None:
+    get = drift.get if isinstance(drift, dict) else lambda k: getattr(drift, k)
+    policy = spec.learner.on_drift
+    if policy == "ignore" or get("model") != spec.model.name or get("kind") != "concept":
+        return
+    if policy == "reset":
+        state.model = _build(spec, spec.model.pipeline, "model.pipeline")
+        state.window = _window(spec)
+        state.events.append({"event": "reset", "at_example": state.examples_seen, "detector": get("detector")})
+    else:
+        name = "drift"
+        state.challengers[name] = Challenger(name, _build(spec, spec.model.pipeline, "model.pipeline"), _window(spec))
+        state.events.append({"event": "drift_challenger", "at_example": state.examples_seen,
+                             "detector": get("detector")})
 
 
 def apply(state: LearnerState, spec: PipelineSpec, role: str, topic: str, partition: int, offset: int,
@@ -98,6 +173,9 @@ def apply(state: LearnerState, spec: PipelineSpec, role: str, topic: str, partit
     example was learned. Raises :class:`Reject` for a label of the wrong type (after recording it)."""
     state.lineage.record(topic, partition, offset)
     get = value.get if isinstance(value, dict) else lambda k: getattr(value, k)
+    if role == "drift":
+        _react_to_drift(state, spec, value)
+        return None
     if spec.model.task == "anomaly":  # unsupervised: learn every feature vector, no labels
         if role == "features":
             state.model.learn_one(get("features"))
@@ -112,7 +190,15 @@ def apply(state: LearnerState, spec: PipelineSpec, role: str, topic: str, partit
     if matched is None:
         return None
     x, y, delay = matched
-    state.metric.update(y, state.model.predict_one(x))
+    y_pred = state.model.predict_one(x)
+    state.metric.update(y, y_pred)
+    state.window.update(y, y_pred)
     state.model.learn_one(x, y)
+    for ch in state.challengers.values():  # prequential too: predict, then learn
+        ch.window.update(y, ch.model.predict_one(x))
+        ch.model.learn_one(x, y)
+        ch.examples += 1
     state.examples_seen += 1
+    if state.challengers:
+        _maybe_promote(state, spec)
     return delay

@@ -111,6 +111,10 @@ class TopicSettings(_Group):
     def name(self, role: str) -> str:
         return self.prefix + getattr(self, role)
 
+    def shadow_predictions(self) -> str:
+        """Where challengers' shadow predictions go when a spec says ``scorer.shadow: separate``."""
+        return self.name("predictions") + "-shadow"
+
     def all(self) -> dict[str, str]:
         """Role -> full topic name."""
         roles = ("events", "labels", "features", "predictions", "models", "drift", "quality", "dlq")

@@ -64,11 +64,115 @@ class DerivedFeature(_Spec):
         return value
 
 
+class WindowSpec(_Spec):
+    """An event-time window over one entity's events (see ``services/ingestion/windows.py``).
+
+    ``tumbling``: ``[k*size, (k+1)*size)``; ``hopping``: ``[k*step, k*step+size)`` (``size_s`` a
+    multiple of ``step_s``); ``sliding``: ``(ts-size, ts]`` relative to each event. An event more than
+    ``grace_s`` behind the entity's latest event time is too late for a window that has closed."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]{1,64}$")
+    type: Literal["tumbling", "hopping", "sliding"]
+    size_s: float = Field(gt=0)
+    step_s: float | None = Field(default=None, gt=0, description="hopping windows only: the hop")
+    grace_s: float = Field(default=0.0, ge=0, description="how late an event may be and still count")
+
+    @model_validator(mode="after")
+    def _step_fits(self) -> WindowSpec:
+        if self.type != "hopping":
+            if self.step_s is not None:
+                raise ValueError(f"step_s is only for hopping windows (this one is {self.type})")
+            return self
+        if self.step_s is None:
+            raise ValueError("a hopping window needs step_s")
+        panes = self.size_s / self.step_s
+        if self.step_s > self.size_s or abs(panes - round(panes)) > 1e-9:
+            raise ValueError(f"size_s ({self.size_s}) must be a multiple of step_s ({self.step_s})")
+        if round(panes) > 1000:
+            raise ValueError(f"size_s / step_s is {round(panes)}; at most 1000 hops per window")
+        return self
+
+
+class AggregateSpec(_Spec):
+    """A per-entity aggregate feature: ``count`` (events, or non-null values of ``field``), ``sum``,
+    ``mean``, ``min``, ``max`` (of a numeric field), ``distinct`` (distinct values of a field) over
+    ``window``; ``since_last``: seconds since the entity's latest earlier event (no field, no window)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    fn: Literal["count", "sum", "mean", "min", "max", "distinct", "since_last"]
+    field: str | None = None
+    window: str | None = None
+
+    @model_validator(mode="after")
+    def _arguments(self) -> AggregateSpec:
+        if self.fn == "since_last":
+            if self.field is not None or self.window is not None:
+                raise ValueError("since_last takes no field and no window")
+            return self
+        if self.window is None:
+            raise ValueError(f"{self.fn} needs a window")
+        if self.field is None and self.fn != "count":
+            raise ValueError(f"{self.fn} needs a field")
+        return self
+
+
+class StoreSpec(_Spec):
+    """The online store: the latest feature vector per entity, expiring ``ttl_s`` after its last
+    write; a read reports a vector whose event time is older than ``max_age_s`` as missing."""
+
+    ttl_s: float = Field(default=86400.0, gt=0)
+    max_age_s: float | None = Field(default=None, gt=0)
+
+
 class FeaturesSpec(_Spec):
     name: str = "default"
     version: int = Field(default=1, ge=1)
     passthrough: Literal["all"] | list[str] = "all"
     derived: list[DerivedFeature] = []
+    windows: list[WindowSpec] = []
+    aggregates: list[AggregateSpec] = []
+    state_ttl_s: float = Field(default=7 * 86400.0, gt=0,
+                               description="per-entity aggregate state expires this long after its last event")
+    store: StoreSpec = StoreSpec()
+
+    @model_validator(mode="after")
+    def _windows_exist(self) -> FeaturesSpec:
+        windows = {}
+        for i, window in enumerate(self.windows):
+            if window.name in windows:
+                raise ValueError(f"features.windows.{i}.name: duplicate window {window.name!r}")
+            if window.size_s + window.grace_s > self.state_ttl_s:
+                raise ValueError(f"features.windows.{i}.size_s: size_s + grace_s is longer than state_ttl_s "
+                                 f"({self.state_ttl_s})")
+            windows[window.name] = window
+        names: set[str] = set()
+        for i, agg in enumerate(self.aggregates):
+            if agg.window is not None and agg.window not in windows:
+                raise ValueError(f"features.aggregates.{i}.window: unknown window {agg.window!r}")
+            if agg.name in names:
+                raise ValueError(f"features.aggregates.{i}.name: duplicate feature {agg.name!r}")
+            names.add(agg.name)
+        return self
+
+    def check_event_fields(self, event: EventSpec) -> None:
+        """Aggregates refer to event fields of the right type and do not shadow other features
+        (raises ``ValueError`` naming the spec path)."""
+        taken = set(event.fields) if self.passthrough == "all" else set(self.passthrough)
+        taken |= {d.name for d in self.derived}
+        for i, agg in enumerate(self.aggregates):
+            if agg.name in taken:
+                raise ValueError(f"features.aggregates.{i}.name: {agg.name!r} is already a feature")
+            if agg.field is None:
+                continue
+            field = event.fields.get(agg.field)
+            if field is None:
+                raise ValueError(f"features.aggregates.{i}.field: unknown event field {agg.field!r}")
+            if agg.fn in ("sum", "mean", "min", "max") and field.type not in ("int", "float"):
+                raise ValueError(f"features.aggregates.{i}.field: {agg.fn} needs an int or float field, "
+                                 f"{agg.field!r} is {field.type}")
+
+    def aggregate_names(self) -> list[str]:
+        return [a.name for a in self.aggregates]
 
 
 class LabelSpec(_Spec):
@@ -80,11 +184,29 @@ class LabelSpec(_Spec):
 Step = dict[str, dict[str, Any]]
 
 
+class ChallengerSpec(_Spec):
+    """Another model trained on the same stream; served in shadow, promoted when clearly better."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    pipeline: list[Step] = Field(min_length=1)
+
+
+class PromotionSpec(_Spec):
+    """Promote a challenger when its prequential metric over the last ``window`` labelled examples
+    beats the champion's by ``margin`` (accuracy for classification, MAE for regression)."""
+
+    window: int = Field(default=500, ge=10)
+    margin: float = Field(default=0.02, ge=0)
+    min_examples: int = Field(default=500, ge=1, description="examples a challenger must have seen")
+
+
 class ModelSpec(_Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     task: Literal["binary", "multiclass", "regression", "anomaly"]
     pipeline: list[Step] = Field(min_length=1)
     anomaly_threshold: float = Field(default=0.8, description="anomaly task: score >= threshold is an anomaly")
+    challengers: list[ChallengerSpec] = []
+    promotion: PromotionSpec | None = None
 
     @field_validator("pipeline")
     @classmethod
@@ -101,6 +223,9 @@ class LearnerSpec(_Spec):
     checkpoint_every: int = Field(default=500, ge=1)
     checkpoint_interval_s: float = Field(default=5.0, gt=0)
     keep_versions: int = Field(default=20, ge=2)
+    on_drift: Literal["ignore", "reset", "challenger"] = Field(
+        default="ignore", description="reaction to a concept drift event of the champion: nothing, a fresh "
+                                      "champion, or a fresh challenger started at the drift point")
 
 
 class DriftSpec(_Spec):
@@ -108,6 +233,21 @@ class DriftSpec(_Spec):
     target: str = Field(description="'error', 'prediction' or a feature name")
     params: dict[str, Any] = {}
     cooldown: int = Field(default=500, ge=0, description="updates to stay quiet after firing")
+
+
+class CanarySpec(_Spec):
+    """Send ``share`` of the entities (by a stable hash of the entity id) to a challenger: its
+    prediction is the one consumers get for them, the champion's is then the shadow one."""
+
+    challenger: str
+    share: float = Field(gt=0, lt=1)
+
+
+class ScorerSpec(_Spec):
+    shadow: Literal["same", "separate", "off"] = Field(
+        default="same", description="challengers' shadow predictions: on the predictions topic (flagged "
+                                    "shadow), on '<predictions>-shadow', or not at all")
+    canary: CanarySpec | None = None
 
 
 class MonitorSpec(_Spec):
@@ -125,6 +265,7 @@ class PipelineSpec(_Spec):
     features: FeaturesSpec = FeaturesSpec()
     model: ModelSpec
     learner: LearnerSpec = LearnerSpec()
+    scorer: ScorerSpec = ScorerSpec()
     monitor: MonitorSpec = MonitorSpec()
 
     @model_validator(mode="after")
@@ -140,6 +281,12 @@ class PipelineSpec(_Spec):
             if missing:
                 raise ValueError(f"features.derived.{i}.expr: unknown names {sorted(missing)}")
             known.add(derived.name)
+        challengers = [c.name for c in self.model.challengers]
+        if len(set(challengers)) != len(challengers):
+            raise ValueError("model.challengers: names must be unique")
+        if self.scorer.canary and self.scorer.canary.challenger not in challengers:
+            raise ValueError(f"scorer.canary.challenger: {self.scorer.canary.challenger!r} is not a challenger "
+                             f"of model.challengers ({challengers})")
         feature_names = set(self.feature_names())
         for i, drift in enumerate(self.monitor.drift):
             if drift.target not in {"error", "prediction"} | feature_names:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterable
 
 from schemas import Features, Prediction
@@ -79,6 +80,16 @@ def predict(model, task: str, x: dict, threshold: float = 0.8) -> Scored:
     return label, {str(k): float(v) for k, v in proba.items()}, None
 
 
+def in_canary(entity_id: str, share: float) -> bool:
+    """Stable traffic split by entity: the same entity always lands on the same side, in every
+    replica and across restarts (CRC-32, not Python's per-process salted ``hash``).
+
+    >>> sum(in_canary(f"user-{i}", 0.1) for i in range(10_000))
+    1028
+    """
+    return zlib.crc32(entity_id.encode()) / 2**32 < share
+
+
 class ScorerProcessor:
     name = "scorer"
     exactly_once = True  # outputs + offsets in one Kafka transaction where the broker supports it
@@ -89,12 +100,13 @@ class ScorerProcessor:
         self.task = spec.model.task
         self.features_topic = settings.topics.name("features")
         self.predictions_topic = settings.topics.name("predictions")
+        self.shadow_topic = settings.topics.shadow_predictions()
         self.follower = follower
         self.initial = Served(spec.model.name, 0, build_pipeline(spec.model.pipeline))
         # no model_version label: a learning model gets a new version every few seconds, which would
         # be unbounded cardinality; the version served is the streamlearn_model_version gauge
         self.scored = metrics.counter("streamlearn_predictions_total", "Predictions made",
-                                      ["service", "model"])
+                                      ["service", "model", "role"])
         self.latency = metrics.histogram("streamlearn_prediction_latency_seconds",
                                          "Event time to prediction produced", ["service", "model"])
         self.scoring_time = metrics.histogram("streamlearn_scoring_seconds",
@@ -110,23 +122,40 @@ class ScorerProcessor:
         return self.follower.current if self.follower else self.initial
 
     def handle(self, batch: list[Incoming]) -> Iterable[Outgoing | Rejected]:
-        served = self.current()  # one version for the whole batch
-        started = time.perf_counter()
-        results = predict_batch(served.model, self.task, [msg.value.features for msg in batch],
-                                self.spec.model.anomaly_threshold)
-        self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
+        champion = self.current()  # one version per model for the whole batch
+        challengers = self.follower.challengers if self.follower and self.spec.scorer.shadow != "off" else {}
+        canary = self.spec.scorer.canary
+        canary_model = challengers.get(f"{champion.name}.{canary.challenger}") if canary else None
+        xs = [msg.value.features for msg in batch]
+        scored = {champion.name: self._score(champion, xs)}
+        for name, served in challengers.items():
+            scored[name] = self._score(served, xs)
         now = time.time()
         outputs = []
-        for msg, (prediction, proba, score) in zip(batch, results, strict=True):
+        for i, msg in enumerate(batch):
             f: Features = msg.value
+            primary = champion
+            if canary_model is not None and in_canary(f.entity_id, canary.share):
+                primary = canary_model
             latency = max(0.0, now - f.ts)
-            self.latency.labels(self.name, served.name).observe(latency)
-            outputs.append(Outgoing(self.predictions_topic, Prediction(
-                event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
-                model_version=served.version, prediction=prediction, proba=proba, score=score, scored_at=now,
-                latency_ms=latency * 1000), f.entity_id))
-        self.scored.labels(self.name, served.name).inc(len(outputs))
+            self.latency.labels(self.name, primary.name).observe(latency)
+            for served in [champion, *challengers.values()]:
+                shadow = served is not primary
+                prediction, proba, score = scored[served.name][i]
+                separate = shadow and self.spec.scorer.shadow == "separate"
+                topic = self.shadow_topic if separate else self.predictions_topic
+                outputs.append(Outgoing(topic, Prediction(
+                    event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
+                    model_version=served.version, prediction=prediction, proba=proba, score=score, scored_at=now,
+                    latency_ms=latency * 1000, shadow=shadow), f.entity_id))
+                self.scored.labels(self.name, served.name, "shadow" if shadow else "primary").inc()
         return outputs
+
+    def _score(self, served: Served, xs: list[dict]) -> list:
+        started = time.perf_counter()
+        results = predict_batch(served.model, self.task, xs, self.spec.model.anomaly_threshold)
+        self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
+        return results
 
     def close(self) -> None:
         if self.follower:

@@ -31,7 +31,8 @@ class Served:
 
 class ModelFollower:
     """Reads the compacted models topic from the beginning (no consumer group: every replica sees
-    every announcement) and keeps :attr:`current` pointing at the champion of ``model_name``."""
+    every announcement) and keeps :attr:`current` pointing at the champion of the spec's model and
+    :attr:`challengers` at its challengers (models named ``<champion>.<challenger>``)."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, registry: ModelRegistry, initial: Served,
                  metrics, service: str = "scorer"):
@@ -39,6 +40,7 @@ class ModelFollower:
         self.topic = topic
         self.registry = registry
         self.current = initial
+        self.challengers: dict[str, Served] = {}  # replaced whole on change, never mutated
         self.caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
@@ -65,7 +67,7 @@ class ModelFollower:
             partitions = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions]
             consumer.assign(partitions)
             at_eof: set[int] = set()
-            pending: bytes | None = None  # while catching up, only the last announcement matters
+            pending: dict[str, bytes] = {}  # while catching up, only the last announcement per model matters
             while not self._stop.is_set():
                 msg = consumer.poll(0.1)
                 if msg is None:
@@ -76,26 +78,36 @@ class ModelFollower:
                         continue
                     at_eof.add(msg.partition())
                     if not self.caught_up.is_set() and len(at_eof) == len(partitions):
-                        if pending is not None:
-                            self._apply(pending)
+                        for raw in pending.values():
+                            self._apply(raw)
                         self.caught_up.set()
                     continue
                 if self.caught_up.is_set():
                     self._apply(msg.value())
-                elif self._is_champion_of_ours(msg.value()):
-                    pending = msg.value()
+                else:
+                    name = self._ours(msg.value())
+                    if name is not None:
+                        pending[name] = msg.value()
         except Exception:
             log.exception("models follower crashed")
             raise
         finally:
             consumer.close()
 
-    def _is_champion_of_ours(self, raw: bytes | None) -> bool:
+    def _ours(self, raw: bytes | None) -> str | None:
+        """The model name of an announcement this scorer serves, else None."""
         try:
             ann = ModelAnnouncement.model_validate_json(raw or b"")
         except ValidationError:
-            return False
-        return ann.model == self.current.name and ann.stage is Stage.champion
+            return None
+        return ann.model if self._role(ann) else None
+
+    def _role(self, ann: ModelAnnouncement) -> str | None:
+        if ann.model == self.current.name and ann.stage is Stage.champion:
+            return "champion"
+        if ann.model.startswith(self.current.name + "."):
+            return "challenger"
+        return None
 
     def _apply(self, raw: bytes | None) -> None:
         if raw is None:  # tombstone
@@ -106,22 +118,33 @@ class ModelFollower:
             self.loads.labels(self.service, "?", "invalid_announcement").inc()
             log.warning("ignoring invalid model announcement: %s", exc.errors()[0]["msg"])
             return
-        if ann.model != self.current.name or ann.stage is not Stage.champion:
+        role = self._role(ann)
+        if role is None:
             return
-        if ann.version == self.current.version:
+        if role == "challenger" and ann.stage is not Stage.challenger:  # retired (or promoted away)
+            if ann.model in self.challengers:
+                self.challengers = {k: v for k, v in self.challengers.items() if k != ann.model}
+                self.version_gauge.labels(self.service, ann.model, "challenger").set(0)
             return
+        known = self.current if role == "champion" else self.challengers.get(ann.model)
+        if known is not None and known.version == ann.version:
+            return
+        keeping = f"keeping v{known.version}" if known else "not serving it"
         try:
             model = self.registry.load(ann.model, ann.version, expected_signature=ann.signature)
         except SignatureError as exc:
             self.loads.labels(self.service, ann.model, "refused").inc()
-            log.error("refused model %s v%d: %s; keeping v%d", ann.model, ann.version, exc,
-                      self.current.version)
+            log.error("refused model %s v%d: %s; %s", ann.model, ann.version, exc, keeping)
             return
         except KeyError as exc:
             self.loads.labels(self.service, ann.model, "missing").inc()
-            log.warning("%s; keeping v%d", exc, self.current.version)
+            log.warning("%s; %s", exc, keeping)
             return
-        self.current = Served(ann.model, ann.version, model)  # atomic reference swap
+        served = Served(ann.model, ann.version, model)
+        if role == "champion":
+            self.current = served  # atomic reference swap
+        else:
+            self.challengers = {**self.challengers, ann.model: served}
         self.loads.labels(self.service, ann.model, "ok").inc()
-        self.version_gauge.labels(self.service, ann.model, "champion").set(ann.version)
+        self.version_gauge.labels(self.service, ann.model, role).set(ann.version)
         log.debug("now serving %s v%d", ann.model, ann.version)

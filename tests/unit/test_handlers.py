@@ -368,6 +368,7 @@ def test_scorer_serves_the_followed_version(spec, settings):
 
     class Follower:  # the part of ModelFollower the processor reads
         current = Served("phishing-logreg", 7, trained)
+        challengers: dict = {}
 
     proc.follower = Follower()  # type: ignore[assignment]
     out = outgoing(proc.handle([incoming(proc, "t.features", features_bytes(40))]))
