@@ -63,8 +63,14 @@ class ServiceProcess:
     log_path: Path
 
     def ready(self) -> bool:
+        return self._probe("/readyz")
+
+    def alive(self) -> bool:
+        return self._probe("/healthz")
+
+    def _probe(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(self.metrics_url.replace("/metrics", "/readyz"), timeout=1) as r:
+            with urllib.request.urlopen(self.metrics_url.replace("/metrics", path), timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -142,17 +148,19 @@ class Stack:
         env.update(self.extra_env)
         return env
 
-    def start_service(self, name: str) -> ServiceProcess:
+    def start_service(self, name: str, alias: str | None = None) -> ServiceProcess:
+        """Start ``services.<name>`` as a process; ``alias`` names a second replica."""
         port = localstack.free_port()
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{name}.log"
+        alias = alias or name
+        log_path = logs / f"{alias}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", f"services.{name}"],
                                        env=self.service_env(name, port), stdout=log_file,
                                        stderr=subprocess.STDOUT, start_new_session=True)
-        svc = ServiceProcess(name, process, f"http://127.0.0.1:{port}/metrics", log_path)
-        self.services[name] = svc
+        svc = ServiceProcess(alias, process, f"http://127.0.0.1:{port}/metrics", log_path)
+        self.services[alias] = svc
         return svc
 
     def start(self, timeout: float = 90.0) -> Stack:

@@ -12,6 +12,7 @@ to the checkpoint, for lag monitoring).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterable
@@ -22,6 +23,7 @@ import river
 from schemas import DriftEvent, Features, Label, Stage
 from services.learner.core import LearnerState, apply, new_state
 from services.runtime.app import VERSION
+from services.runtime.lease import Lease, LeaseLost
 from services.runtime.messages import Decoder, Incoming, Outgoing, Reject, Rejected, schema_decoder
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.redis_client import make_redis
@@ -35,7 +37,7 @@ class LearnerProcessor:
     name = "learner"
 
     def __init__(self, spec: PipelineSpec, settings: Settings, metrics: RuntimeMetrics,
-                 registry: ModelRegistry):
+                 registry: ModelRegistry, lease: Lease | None = None):
         self.spec = spec
         self.model_name = spec.model.name
         self.features_topic = settings.topics.name("features")
@@ -45,6 +47,7 @@ class LearnerProcessor:
         self._metric_name = "mae" if spec.model.task == "regression" else "accuracy"
         self.roles = {self.features_topic: "features", self.labels_topic: "labels", self.drift_topic: "drift"}
         self.registry = registry
+        self.lease = lease
         self.checkpoint_name = f"learner:{spec.name}:{self.model_name}"
         self.state = self._restore() or self._fresh()
         self._since_publish = 0
@@ -186,7 +189,11 @@ class LearnerProcessor:
         """Write model + join buffer + offsets as one signed value; False when Redis refused."""
         started = time.perf_counter()
         try:
-            size = self.registry.save_checkpoint(self.checkpoint_name, self.state)
+            size = self.registry.save_checkpoint(self.checkpoint_name, self.state,
+                                                 self.lease.fenced_set if self.lease else None)
+        except LeaseLost:
+            log.error("checkpoint refused: this learner no longer holds the lease")
+            _lost()
         except redis.RedisError as exc:
             log.warning("checkpoint failed (%s); will retry", exc)
             return False
@@ -215,10 +222,22 @@ class LearnerProcessor:
     def close(self) -> None:
         if not self._batch_open:  # never checkpoint learning whose offsets were not recorded
             self.checkpoint()
+        if self.lease:
+            self.lease.release()  # a standby takes over at once
 
 
 def build(settings: Settings, metrics: RuntimeMetrics) -> LearnerProcessor:
+    """One writer per model: block as a standby until this process holds the model's lease, then
+    restore the checkpoint (whatever the previous holder last wrote) and start."""
     spec = load_spec(settings.service.spec)
-    registry = ModelRegistry(make_redis(settings.redis), Signer(settings.service.signing_key()),
-                             settings.redis.namespace)
-    return LearnerProcessor(spec, settings, metrics, registry)
+    client = make_redis(settings.redis)
+    registry = ModelRegistry(client, Signer(settings.service.signing_key()), settings.redis.namespace)
+    lease = Lease(client, f"{settings.redis.namespace}:lease:learner:{spec.name}:{spec.model.name}",
+                  settings.service.lease_ttl_s, on_lost=_lost)
+    lease.acquire()
+    return LearnerProcessor(spec, settings, metrics, registry, lease)
+
+
+def _lost() -> None:
+    # another learner holds the lease now: stop writing at once (checkpoints are fenced anyway)
+    os._exit(3)

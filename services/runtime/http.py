@@ -30,6 +30,9 @@ class ServiceHTTP:
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
+    def add_routes(self, routes: dict[tuple[str, str], Route]) -> None:
+        self._routes.update(routes)
+
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]

@@ -25,6 +25,7 @@ import json
 import pickle
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -183,9 +184,15 @@ class ModelRegistry:
 
     # ---- checkpoints (learner state + the offsets it reflects, one atomic write) -----------------
 
-    def save_checkpoint(self, name: str, state: Any) -> int:
+    def save_checkpoint(self, name: str, state: Any,
+                        write: Callable[[str, bytes], None] | None = None) -> int:
+        """One signed value, one atomic write; ``write`` (e.g. a lease-fenced SET) replaces SET."""
         blob = self._require_signer().dumps(state, context=f"checkpoint:{name}")
-        self.redis.set(f"{self.ns}:checkpoint:{name}", blob)
+        key = f"{self.ns}:checkpoint:{name}"
+        if write is None:
+            self.redis.set(key, blob)
+        else:
+            write(key, blob)
         return len(blob)
 
     def load_checkpoint(self, name: str) -> Any | None:

@@ -133,6 +133,8 @@ class ServiceSettings(_Group):
     poll_timeout_s: float = Field(default=0.2, gt=0, le=10)
     group_prefix: str = "streamlearn"
     model_signing_key: SecretStr | None = None
+    lease_ttl_s: float = Field(default=10.0, ge=1, le=300,
+                               description="learner writer lease; a standby takes over this long after a crash")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("model_signing_key")

@@ -32,7 +32,7 @@ def test_kill_9_during_learning_learns_each_label_exactly_once(kafka_broker, red
     stack = Stack(tmp_path / "state", broker=kafka_broker.bootstrap, redis=redis_server.url, topic_prefix=prefix,
                   partitions=1, extra_env={"STREAMLEARN_REDIS_NAMESPACE": namespace,
                                            "STREAMLEARN_MODEL_SIGNING_KEY": SIGNING_KEY,
-                                           "STREAMLEARN_BATCH_SIZE": "50"})
+                                           "STREAMLEARN_BATCH_SIZE": "50", "STREAMLEARN_LEASE_TTL_S": "3"})
     data = list(examples("phishing", run_id=uuid.uuid4().hex[:6]))
     rng = random.Random(7)
     stack.start_servers()
@@ -84,3 +84,39 @@ def test_kill_9_during_learning_learns_each_label_exactly_once(kafka_broker, red
     result = reproduce(spec, registry, stack.kafka_settings(), spec.model.name, final["version"],
                        stack.topics.name("labels"))
     assert result.identical and result.examples == 1250 and result.sample == 200 and result.spec_matches
+
+
+def test_two_learners_are_one_writer_and_a_hot_standby(kafka_broker, redis_server, prefix, tmp_path):
+    """A second learner replica waits (alive, not ready) while the first holds the model's lease;
+    when the first is killed it takes over from the last checkpoint, and every label is still
+    learned exactly once."""
+    namespace = prefix.rstrip(".")
+    stack = Stack(tmp_path / "state", broker=kafka_broker.bootstrap, redis=redis_server.url, topic_prefix=prefix,
+                  partitions=1, extra_env={"STREAMLEARN_REDIS_NAMESPACE": namespace,
+                                           "STREAMLEARN_MODEL_SIGNING_KEY": SIGNING_KEY,
+                                           "STREAMLEARN_LEASE_TTL_S": "3", "STREAMLEARN_BATCH_SIZE": "50"})
+    data = list(examples("phishing", run_id=uuid.uuid4().hex[:6]))
+    stack.start_servers()
+    try:
+        stack.start_service("ingestion")
+        stack.start_service("learner")
+        stack.wait_ready(90, names=("ingestion", "learner"))
+        standby = stack.start_service("learner", alias="learner-standby")
+        wait_until(standby.alive, 30, "the standby's health endpoint")
+        assert not standby.ready()
+        produce_all(stack.bootstrap, stack.topics.name("events"),
+                    [(e.event["entity_id"].encode(), orjson.dumps(e.event)) for e in data])
+        produce_all(stack.bootstrap, stack.topics.name("labels"),
+                    [(e.label["entity_id"].encode(), orjson.dumps(e.label)) for e in data])
+        wait_until(lambda: _examples_seen(stack) >= 400, 90, "the active learner to learn")
+        assert not standby.ready(), "the standby does not consume while the active learner lives"
+        stack.kill_service("learner")
+        stack.wait_ready(60, names=("learner-standby",))
+        wait_until(lambda: _examples_seen(stack) >= 1250, 120, "the standby to learn the rest")
+        learned = scrape(standby.metrics_url, "streamlearn_learner_examples_learned")
+        log = standby.log_path.read_text()
+    finally:
+        stack.stop()
+    announcements = values(read_topic(stack.bootstrap, stack.topics.name("models")))
+    assert learned == [1250.0] and max(a["examples_seen"] for a in announcements) == 1250
+    assert "standby: lease" in log and "acquired" in log
