@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from services.cli import localstack
 from services.runtime.kafka import ensure_topics
 from services.runtime.settings import PREFIX, KafkaSettings, TopicSettings
+from services.runtime.settings import load as load_settings
 
 SERVICES = ("ingestion", "learner", "scorer", "monitor")
 
@@ -117,7 +118,8 @@ class Stack:
         ensure_topics(self.kafka_settings(), topic_layout(self.topics, self.partitions))
 
     def kafka_settings(self) -> KafkaSettings:
-        return KafkaSettings(bootstrap_servers=self.bootstrap, **self._broker_profile())
+        """The Kafka settings the services get (security settings from ``extra_env`` included)."""
+        return load_settings(self.service_env("cli", 0)).kafka
 
     def _broker_profile(self) -> dict[str, object]:
         # Tansu answers a fetch only when fetch.wait.max.ms has passed, even with data waiting, and
