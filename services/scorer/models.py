@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from pydantic import ValidationError
 
@@ -41,6 +42,7 @@ class ModelFollower:
         self.registry = registry
         self.current = initial
         self.challengers: dict[str, Served] = {}  # replaced whole on change, never mutated
+        self._retry: bytes | None = None
         self.caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
@@ -70,6 +72,10 @@ class ModelFollower:
             pending: dict[str, bytes] = {}  # while catching up, only the last announcement per model matters
             while not self._stop.is_set():
                 msg = consumer.poll(0.1)
+                if self._retry is not None and self.caught_up.is_set() and msg is None:
+                    raw, self._retry = self._retry, None
+                    self._stop.wait(0.5)  # back off while the registry is down
+                    self._apply(raw)
                 if msg is None:
                     continue
                 if msg.error():
@@ -83,6 +89,8 @@ class ModelFollower:
                         self.caught_up.set()
                     continue
                 if self.caught_up.is_set():
+                    if self._retry is not None and self._ours(self._retry) == self._ours(msg.value()):
+                        self._retry = None  # a newer announcement of the same model supersedes it
                     self._apply(msg.value())
                 else:
                     name = self._ours(msg.value())
@@ -139,6 +147,12 @@ class ModelFollower:
         except KeyError as exc:
             self.loads.labels(self.service, ann.model, "missing").inc()
             log.warning("%s; %s", exc, keeping)
+            return
+        except redis.RedisError as exc:
+            # the registry is unreachable: keep serving, try this announcement again shortly
+            self.loads.labels(self.service, ann.model, "registry_unavailable").inc()
+            log.warning("cannot load %s v%d (%s); %s, retrying", ann.model, ann.version, exc, keeping)
+            self._retry = raw
             return
         served = Served(ann.model, ann.version, model)
         if role == "champion":

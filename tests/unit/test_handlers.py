@@ -391,7 +391,7 @@ class FakeRegistry:
         blob = self.checkpoints.get(name)
         return None if blob is None else pickle.loads(blob)
 
-    def save_checkpoint(self, name, state):
+    def save_checkpoint(self, name, state, write=None):
         blob = pickle.dumps(state)
         self.checkpoints[name] = blob
         self.saves += 1
@@ -533,7 +533,7 @@ def test_committable_checkpoints_when_due_and_returns_the_offsets(settings):
 def test_failed_checkpoint_commits_nothing(settings):
     proc, registry = make_learner(spec_with(CHECKPOINT_EVERY_ONE), settings)
 
-    def down(name, state):
+    def down(name, state, write=None):
         raise redis.ConnectionError("down")
 
     registry.save_checkpoint = down  # type: ignore[method-assign]
