@@ -24,6 +24,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
+ERROR_KINDS = ("consume", "delivery", "handler", "transient", "commit", "transaction_abort")
+
+
 class RuntimeMetrics:
     """The runtime's metrics for one service."""
 
@@ -56,6 +59,11 @@ class RuntimeMetrics:
         self.ready = self.gauge("streamlearn_ready", "1 when the service is ready", s)
         self.last_batch = self.gauge("streamlearn_last_batch_timestamp_seconds",
                                      "Wall-clock time the loop last completed an iteration", s)
+        # known label values start at 0, so rates and alerts see a series before the first event
+        for kind in ERROR_KINDS:
+            self.errors.labels(service, kind)
+        self.produce_retries.labels(service)
+        self.commits.labels(service)
 
     def counter(self, name: str, doc: str, labels: list[str]) -> Counter:
         return Counter(name, doc, labels, registry=self.registry)
