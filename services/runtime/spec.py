@@ -96,12 +96,14 @@ class WindowSpec(_Spec):
 class AggregateSpec(_Spec):
     """A per-entity aggregate feature: ``count`` (events, or non-null values of ``field``), ``sum``,
     ``mean``, ``min``, ``max`` (of a numeric field), ``distinct`` (distinct values of a field) over
-    ``window``; ``since_last``: seconds since the entity's latest earlier event (no field, no window)."""
+    ``window``; ``since_last``: seconds since the entity's latest earlier event (no field, no window).
+    ``default`` replaces a missing value (empty window, too-late event, first event) in the vector."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     fn: Literal["count", "sum", "mean", "min", "max", "distinct", "since_last"]
     field: str | None = None
     window: str | None = None
+    default: float | None = None
 
     @model_validator(mode="after")
     def _arguments(self) -> AggregateSpec:
@@ -228,11 +230,56 @@ class LearnerSpec(_Spec):
                                       "champion, or a fresh challenger started at the drift point")
 
 
+# the monitor's drift detectors: River's streaming detectors (by their River class) and the
+# windowed tests against a reference window of services/monitor/windows.py
+RIVER_DETECTORS = {"ADWIN": "drift.ADWIN", "PageHinkley": "drift.PageHinkley", "KSWIN": "drift.KSWIN",
+                   "DDM": "drift.binary.DDM", "EDDM": "drift.binary.EDDM"}
+WINDOW_TESTS = ("PSI", "JS", "KS", "ChiSquare")
+_WINDOW_FIELDS = ("reference_size", "reference_start", "window_size", "stride", "bins", "threshold", "alpha")
+QUALITY_METRICS = ("accuracy", "log_loss", "roc_auc", "precision", "recall", "f1", "macro_precision",
+                   "macro_recall", "macro_f1", "mae", "rmse", "r2")
+
+
 class DriftSpec(_Spec):
-    detector: Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "EDDM"]
+    """One drift detector of the monitor on ``target``: a River detector (parameters in ``params``)
+    or a windowed test against a reference window (``reference_size`` ... ``alpha``). Without
+    ``detector``: ADWIN on 'error', KS on numbers, ChiSquare on categories."""
+
+    detector: Literal["ADWIN", "PageHinkley", "KSWIN", "DDM", "EDDM", "PSI", "JS", "KS", "ChiSquare"] | None = None
     target: str = Field(description="'error', 'prediction' or a feature name")
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = Field(default={}, description="constructor parameters of the River detector")
     cooldown: int = Field(default=500, ge=0, description="updates to stay quiet after firing")
+    severity: Literal["info", "warning", "critical"] = "warning"
+    reference_size: int = Field(default=1000, ge=2, description="values in the reference window")
+    reference_start: int = Field(default=0, ge=0, description="values skipped before the reference starts")
+    window_size: int = Field(default=500, ge=2, description="values in the window compared with the reference")
+    stride: int = Field(default=100, ge=1, description="test every N values")
+    bins: int = Field(default=10, ge=2, description="histogram bins (PSI, JS, ChiSquare)")
+    threshold: float | None = Field(default=None, gt=0, description="drift when the statistic exceeds it "
+                                    "(default: PSI 0.2, JS 0.1, KS and ChiSquare the critical value at alpha)")
+    alpha: float | None = Field(default=None, gt=0, lt=1, description="KS, ChiSquare: significance level "
+                                "(default 0.001)")
+
+    @model_validator(mode="after")
+    def _options_fit_the_detector(self) -> DriftSpec:
+        detector = self.detector or ("ADWIN" if self.target == "error" else None)
+        if detector in RIVER_DETECTORS:
+            misplaced = [f for f in _WINDOW_FIELDS if f in self.model_fields_set]
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)}: only for the windowed tests ({', '.join(WINDOW_TESTS)}); "
+                                 f"{detector} takes its parameters in params")
+            from services.runtime.river_models import build_object  # River is imported only when needed
+
+            build_object(RIVER_DETECTORS[detector], self.params, "params")  # unknown or invalid parameters
+            return self
+        if self.params:
+            raise ValueError(f"params: only for River's detectors ({', '.join(RIVER_DETECTORS)}); "
+                             "a windowed test takes reference_size, window_size, stride, bins, threshold, alpha")
+        if self.alpha is not None and detector in ("PSI", "JS"):
+            raise ValueError(f"alpha: only for KS and ChiSquare; {detector} fires above threshold")
+        if self.alpha is not None and self.threshold is not None:
+            raise ValueError("alpha: give either threshold or alpha")
+        return self
 
 
 class CanarySpec(_Spec):
@@ -254,7 +301,16 @@ class MonitorSpec(_Spec):
     quality_window: int = Field(default=200, ge=1)
     quality_interval_s: float = Field(default=2.0, gt=0)
     join_ttl_s: float = Field(default=3600.0, gt=0)
+    metrics: list[Literal[QUALITY_METRICS]] | None = Field(  # type: ignore[valid-type]
+        default=None, min_length=1, description="quality metrics to report (default: all that fit the task)")
     drift: list[DriftSpec] = []
+
+    @field_validator("metrics")
+    @classmethod
+    def _distinct(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("each metric once")
+        return names
 
 
 class PipelineSpec(_Spec):

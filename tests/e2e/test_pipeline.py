@@ -40,7 +40,7 @@ def run_pipeline(stack: Stack) -> None:
         # the monitor joined every prediction with its label and reports the same accuracy
         wait_until(lambda: scrape(monitor_url, "streamlearn_model_quality_labelled") == [1250.0], 60,
                    "the monitor to report on 1,250 labelled predictions")
-        overall = wait_until(lambda: scrape(monitor_url, "streamlearn_model_quality",
+        overall = wait_until(lambda: scrape(monitor_url, "streamlearn_model_quality", metric="accuracy",
                                             model_version="all", window="cumulative"), 30,
                              "the monitor's overall accuracy gauge")
         quality = wait_until(lambda: values(read_topic(stack.bootstrap, topics["quality"])), 30,
@@ -64,7 +64,7 @@ def run_pipeline(stack: Stack) -> None:
 
     # the monitor saw the same predictions and labels
     assert overall == [pytest.approx(accuracy, abs=1e-9)]
-    assert {q["metric"] for q in quality} == {"accuracy"}
+    assert "accuracy" in {q["metric"] for q in quality}
     assert all(0.0 <= q["value"] <= 1.0 and q["model"] == spec.model.name for q in quality)
 
 
