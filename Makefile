@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast kafka install bench clean
+.PHONY: demo test kafka install bench soak clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -27,6 +27,10 @@ test: $(STAMP) kafka
 
 bench: $(STAMP) kafka
 	$(PY) -m tests.bench.bench_pipeline
+
+# the fault-injection suite at soak size (make test runs a bounded form)
+soak: $(STAMP) kafka
+	STREAMLEARN_FAULT_EVENTS=60000 STREAMLEARN_FAULT_RATE=800 $(PY) -m pytest -q -s tests/reliability/test_faults.py
 
 clean:
 	rm -rf .streamlearn .pytest_cache
