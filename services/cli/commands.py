@@ -132,20 +132,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- produce / tail / topics ----------------------------------------------------------------------
 
-def _records(path: Path, args: argparse.Namespace, role: str) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) pairs. JSON lines are sent as they are (bad lines too: ingestion's DLQ judges
-    them); CSV / Parquet rows are mapped to the event or label envelope."""
+Record = tuple[bytes | None, bytes, float | None]  # key, value, event time (epoch s) when known
+
+
+def event_time(value: object) -> float | None:
+    """Epoch seconds from a number, a numeric or ISO-8601 string (UTC when it has no offset), a
+    ``datetime`` or a pandas ``Timestamp``; ``None`` when missing or unparseable.
+
+    >>> event_time("2024-01-01T00:00:00Z"), event_time(1704067200), event_time("soon")
+    (1704067200.0, 1704067200.0, None)
+    """
+    import math
+    import numbers
+    from datetime import UTC, datetime
+
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                return None
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "to_pydatetime"):  # a pandas Timestamp (naive means UTC) or NaT
+        return None if value != value else float(value.timestamp())
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
+def _records(path: Path, args: argparse.Namespace, role: str) -> list[Record]:
+    """(key, value, event time) per record. JSON lines are sent as they are (bad lines too:
+    ingestion's DLQ judges them); CSV / Parquet rows are mapped to the event or label envelope, with
+    the event time taken from ``--ts-col`` (epoch seconds, ISO-8601 strings or timestamps; a row
+    whose time is missing or unparseable keeps its raw value, for ingestion to reject). Without that
+    column every row gets the current time."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        out = []
+        out: list[Record] = []
         for line in path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
-                key = str(orjson.loads(line).get("entity_id", "")).encode() or None
+                doc = orjson.loads(line)
+                key = str(doc.get("entity_id", "")).encode() or None
+                ts = event_time(doc.get("ts"))
             except (orjson.JSONDecodeError, AttributeError):
-                key = None
-            out.append((key, line))
+                key, ts = None, None
+            out.append((key, line, ts))
         return out
     import pandas as pd
 
@@ -155,41 +193,91 @@ def _records(path: Path, args: argparse.Namespace, role: str) -> list[tuple[byte
         frame = pd.read_parquet(path)
     else:
         raise CliError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .csv or .parquet)")
+    has_ts = args.ts_col in frame.columns
+    now = time.time()
     out = []
     for row in frame.to_dict(orient="records"):
-        row = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+        row = {k: (None if v is None or (isinstance(v, float) and v != v) or v is pd.NaT else v)
+               for k, v in row.items()}
         entity = str(row.pop(args.entity_col, "") or "")
         event_id = str(row.pop(args.event_id_col, None) or uuid.uuid4().hex)
-        ts = row.pop(args.ts_col, None)
-        ts = time.time() if ts is None else (pd.Timestamp(ts).timestamp() if isinstance(ts, str) else float(ts))
+        raw_ts = row.pop(args.ts_col, None) if has_ts else now
+        ts = event_time(raw_ts)
+        wire_ts = ts if ts is not None else (None if raw_ts is None else str(raw_ts))
         if role == "labels":
-            record = {"schema_version": 1, "event_id": event_id, "entity_id": entity, "ts": ts,
+            record = {"schema_version": 1, "event_id": event_id, "entity_id": entity, "ts": wire_ts,
                       "label": row.get("label")}
         else:
-            record = {"schema_version": 1, "event_id": event_id, "entity_id": entity, "ts": ts,
+            record = {"schema_version": 1, "event_id": event_id, "entity_id": entity, "ts": wire_ts,
                       "type": args.event_type or row.pop("type", "event"), "data": row}
-        out.append((entity.encode() or None, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)))
+        if wire_ts is None:
+            del record["ts"]
+        out.append((entity.encode() or None, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY), ts))
     return out
+
+
+def pace(records: list[Record], rate: float | None = None, speedup: float | None = None,
+         sort: bool = False) -> tuple[list[Record], list[float] | None]:
+    """Order the records and say when each is due, in seconds after the start (``None``: as fast as
+    possible). ``rate``: N records per second, in file order. ``speedup``: in event-time order, the
+    gaps between event times divided by ``speedup``. ``sort``: event-time order, no pacing. Records
+    without an event time take the one of the record before them in the file.
+
+    >>> recs = [(None, b"", 30.0), (None, b"", 10.0), (None, b"", None), (None, b"", 20.0)]
+    >>> ordered, due = pace(recs, speedup=10)
+    >>> [r[2] for r in ordered], due
+    ([10.0, None, 20.0, 30.0], [0.0, 0.0, 1.0, 2.0])
+    >>> pace(recs, rate=4)[1]
+    [0.0, 0.25, 0.5, 0.75]
+    """
+    if rate is not None:
+        return records, [i / rate for i in range(len(records))]
+    if speedup is None and not sort:
+        return records, None
+    times, last = [], None
+    for record in records:
+        last = record[2] if record[2] is not None else last
+        times.append(last)
+    first = next((t for t in times if t is not None), 0.0)
+    times = [first if t is None else t for t in times]
+    order = sorted(range(len(records)), key=times.__getitem__)
+    ordered = [records[i] for i in order]
+    if speedup is None:
+        return ordered, None
+    start = times[order[0]] if order else 0.0
+    return ordered, [(times[i] - start) / speedup for i in order]
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
     kafka, topics = _kafka(args)
     topic = _topic(args.topic, topics)
     role = args.topic if args.topic in topics.all() else "events"
-    records = _records(args.file, args, role)
+    records, due = pace(_records(args.file, args, role), args.rate, args.speedup, args.sort)
     errors: list[str] = []
     producer = Producer(kafka.client_config() | {"enable.idempotence": True, "linger.ms": 5})
-    for key, value in records:
+
+    def delivered(err, _msg) -> None:
+        if err:
+            errors.append(str(err))
+
+    started = time.monotonic()
+    for i, (key, value, _) in enumerate(records):
+        if due is not None:
+            # a monotonic schedule: no drift, and waiting in poll() serves delivery reports
+            while (wait := started + due[i] - time.monotonic()) > 0:
+                producer.poll(min(wait, 0.1))
         while True:
             try:
-                producer.produce(topic, value, key,
-                                 on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+                producer.produce(topic, value, key, on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)
+        producer.poll(0)
     if producer.flush(60) or errors:
         raise CliError(f"{len(errors)} messages not delivered: {errors[:3]}")
-    print(f"produced {len(records)} messages to {topic}")
+    seconds = time.monotonic() - started
+    print(f"produced {len(records)} messages to {topic} in {seconds:.1f}s "
+          f"({len(records) / max(seconds, 1e-9):,.0f}/s)")
     return 0
 
 

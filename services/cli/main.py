@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     produce.add_argument("--ts-col", default="ts")
     produce.add_argument("--event-id-col", default="event_id")
     produce.add_argument("--type", dest="event_type", default=None, help="event type for CSV/Parquet rows")
+    pacing = produce.add_mutually_exclusive_group()
+    pacing.add_argument("--rate", type=_positive, default=None, help="N records per second (default: as fast "
+                        "as possible)")
+    pacing.add_argument("--speedup", type=_positive, default=None,
+                        help="replay in event-time order, X times faster than the event times say")
+    pacing.add_argument("--sort", action="store_true", help="event-time order, as fast as possible")
     produce.add_argument("--bootstrap", default=None)
 
     tail = sub.add_parser("tail", help="print the last messages of a topic")
@@ -76,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--spec", default=None, help="spec of the model (default: the stack's / STREAMLEARN_SPEC)")
     rp.add_argument("--sample", type=int, default=200)
     return p
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
