@@ -23,12 +23,12 @@ import redis
 from schemas import Features
 from services.ingestion.features import FeatureComputer
 from services.ingestion.state import Item, MemoryStateBackend, RedisStateBackend, StateBackend, WindowedAggregates
-from services.ingestion.store import OnlineStore, RedisOnlineStore
 from services.ingestion.validation import EventValidator
 from services.ingestion.windows import WindowEngine
 from services.runtime.http import Route
 from services.runtime.messages import Decoder, Incoming, Outgoing, Reject, Rejected, Transient
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.online_store import OnlineStore, RedisOnlineStore
 from services.runtime.redis_client import make_redis
 from services.runtime.settings import Settings
 from services.runtime.spec import PipelineSpec, load_spec
@@ -38,6 +38,10 @@ MAX_READ_ENTITIES = 100
 
 class IngestionProcessor:
     name = "ingestion"
+    # features and DLQ records with the consumed offsets in one Kafka transaction (Apache Kafka): a
+    # read_committed reader - the scorer, the learner - sees each event's feature vector once, so the
+    # scorer's own transactions give exactly one prediction per event end to end
+    exactly_once = True
 
     def __init__(self, spec: PipelineSpec, settings: Settings, metrics: RuntimeMetrics,
                  store: OnlineStore | None, state: StateBackend | None = None):
@@ -164,7 +168,7 @@ def build(settings: Settings, metrics: RuntimeMetrics) -> IngestionProcessor:
     fs = spec.features
     client = make_redis(settings.redis)
     namespace = settings.redis.namespace
-    store = RedisOnlineStore(client, namespace, f"{fs.name}:v{fs.version}", ttl_s=fs.store.ttl_s,
+    store = RedisOnlineStore(client, namespace, fs.store_name(), ttl_s=fs.store.ttl_s,
                              max_age_s=fs.store.max_age_s, metrics=metrics)
     state = None
     if fs.aggregates:

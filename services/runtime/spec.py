@@ -173,6 +173,10 @@ class FeaturesSpec(_Spec):
                 raise ValueError(f"features.aggregates.{i}.field: {agg.fn} needs an int or float field, "
                                  f"{agg.field!r} is {field.type}")
 
+    def store_name(self) -> str:
+        """The online store's key part for this feature set (ingestion writes it, the scorer reads it)."""
+        return f"{self.name}:v{self.version}"
+
     def aggregate_names(self) -> list[str]:
         return [a.name for a in self.aggregates]
 

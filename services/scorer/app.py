@@ -21,11 +21,13 @@ from collections.abc import Iterable
 from schemas import Features, Prediction
 from services.runtime.messages import Decoder, Incoming, Outgoing, Rejected, schema_decoder
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.online_store import OnlineStore, RedisOnlineStore
 from services.runtime.redis_client import make_redis
 from services.runtime.registry import ModelRegistry, Signer
 from services.runtime.river_models import build_pipeline
 from services.runtime.settings import Settings
 from services.runtime.spec import PipelineSpec, load_spec
+from services.scorer.http_predict import PredictRoute
 from services.scorer.models import ModelFollower, Served
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,9 @@ class ScorerProcessor:
         self.predictions_topic = settings.topics.name("predictions")
         self.shadow_topic = settings.topics.shadow_predictions()
         self.follower = follower
+        self.store: OnlineStore | None = None
+        self.http_latency = metrics.histogram("streamlearn_http_predict_seconds", "POST /predict latency",
+                                              ["service", "model"])
         self.initial = Served(spec.model.name, 0, build_pipeline(spec.model.pipeline))
         # no model_version label: a learning model gets a new version every few seconds, which would
         # be unbounded cardinality; the version served is the streamlearn_model_version gauge
@@ -111,6 +116,14 @@ class ScorerProcessor:
                                          "Event time to prediction produced", ["service", "model"])
         self.scoring_time = metrics.histogram("streamlearn_scoring_seconds",
                                               "Time to score one batch (model only)", ["service", "model"])
+        self._children: dict[tuple, object] = {}  # labelled metric children: labels() costs ~2 us per call
+
+    def _child(self, metric, *labels: str):
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.name, *labels)
+        return child
 
     def subscriptions(self) -> dict[str, Decoder]:
         return {self.features_topic: schema_decoder(Features)}
@@ -138,7 +151,7 @@ class ScorerProcessor:
             if canary_model is not None and in_canary(f.entity_id, canary.share):
                 primary = canary_model
             latency = max(0.0, now - f.ts)
-            self.latency.labels(self.name, primary.name).observe(latency)
+            self._child(self.latency, primary.name).observe(latency)
             for served in [champion, *challengers.values()]:
                 shadow = served is not primary
                 prediction, proba, score = scored[served.name][i]
@@ -148,7 +161,7 @@ class ScorerProcessor:
                     event_id=f.event_id, entity_id=f.entity_id, ts=f.ts, model=served.name,
                     model_version=served.version, prediction=prediction, proba=proba, score=score, scored_at=now,
                     latency_ms=latency * 1000, shadow=shadow), f.entity_id))
-                self.scored.labels(self.name, served.name, "shadow" if shadow else "primary").inc()
+                self._child(self.scored, served.name, "shadow" if shadow else "primary").inc()
         return outputs
 
     def _score(self, served: Served, xs: list[dict]) -> list:
@@ -156,6 +169,15 @@ class ScorerProcessor:
         results = predict_batch(served.model, self.task, xs, self.spec.model.anomaly_threshold)
         self.scoring_time.labels(self.name, served.name).observe(time.perf_counter() - started)
         return results
+
+    def routes(self):
+        """``POST /predict`` when an online store is configured."""
+        if self.store is None:
+            return {}
+        latency = self.http_latency.labels(self.name, self.spec.model.name)
+        route = PredictRoute(self.store, self.current, self.task, self.spec.feature_names(), predict,
+                             self.spec.model.anomaly_threshold, latency)
+        return {("POST", "/predict"): route}
 
     def close(self) -> None:
         if self.follower:
@@ -167,6 +189,10 @@ def build(settings: Settings, metrics: RuntimeMetrics) -> ScorerProcessor:
     registry = ModelRegistry(make_redis(settings.redis), Signer(settings.service.signing_key()),
                              settings.redis.namespace)
     processor = ScorerProcessor(spec, settings, metrics, follower=None)
+    store = spec.features.store
+    processor.store = RedisOnlineStore(make_redis(settings.redis), settings.redis.namespace, spec.features.store_name(),
+                                       ttl_s=store.ttl_s, max_age_s=store.max_age_s, metrics=metrics,
+                                       service="scorer")
     processor.follower = ModelFollower(settings.kafka, settings.topics.name("models"), registry,
                                        processor.initial, metrics).start()
     # a new replica serves the current champion from its first prediction: read the models topic

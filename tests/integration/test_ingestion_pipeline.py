@@ -150,7 +150,7 @@ def test_a_replay_with_streamlearn_produce_gives_the_features_pandas_expects(
             "service": "ingestion", "feature_set": "clickstream", "window": window}) == n
 
     # the online store holds each entity's latest vector (by event time; ties: the later one)
-    from services.ingestion.store import RedisOnlineStore
+    from services.runtime.online_store import RedisOnlineStore
     from services.runtime.redis_client import make_redis
 
     store = RedisOnlineStore(make_redis(settings.redis), settings.redis.namespace, "clickstream:v1", ttl_s=60)

@@ -12,10 +12,10 @@ import redis
 
 from services.ingestion.app import IngestionProcessor
 from services.ingestion.state import RedisStateBackend, Write
-from services.ingestion.store import RedisOnlineStore
 from services.ingestion.synthetic import clickstream
 from services.ingestion.windows import WindowEngine
 from services.runtime.metrics import RuntimeMetrics
+from services.runtime.online_store import RedisOnlineStore
 from services.runtime.settings import Settings
 from services.runtime.spec import load_spec
 from tests.conftest import wait_until
