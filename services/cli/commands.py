@@ -24,6 +24,7 @@ class CliError(RuntimeError):
 def dispatch(args: argparse.Namespace) -> int:
     handler = {
         "up": cmd_up, "demo": cmd_demo, "produce": cmd_produce, "tail": cmd_tail, "topics": cmd_topics,
+        "status": cmd_status,
         "schemas": cmd_schemas, "models": cmd_models,
     }[args.command]
     return handler(args)
@@ -372,6 +373,52 @@ def cmd_topics(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['topic']:40} {r['role'] or '-':12} partitions {r['partitions']:<3} messages {r['messages']}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from services.cli.status import as_json, latest_models, render, service_status
+
+    state = load_state(args.state_dir)
+    kafka, topics = _kafka(args)
+    consumer = _consumer(kafka)
+    try:
+        announcements = [m.value() for m in _read_all(consumer, topics.name("models")) if m.value()]
+        drift = [m.value() for m in _read_all(consumer, topics.name("drift"))][-5:]
+    finally:
+        consumer.close()
+    statuses = service_status(state["services"])
+    models = latest_models(announcements)
+    print(as_json(statuses, models, drift) if args.json else render(statuses, models, drift))
+    return 0 if all(s.up for s in statuses) else 1
+
+
+def _read_all(consumer: Consumer, topic: str) -> list:
+    """Every message of ``topic`` up to its current end."""
+    meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+    if meta is None or meta.error is not None:
+        return []
+    ends, assignment = {}, []
+    for p in meta.partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+        if high > low:
+            ends[p] = high
+            assignment.append(TopicPartition(topic, p, low))
+    consumer.assign(assignment)
+    out, done = [], set()
+    while len(done) < len(assignment):
+        msg = consumer.poll(5.0)
+        if msg is None:
+            break
+        if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                done.add(msg.partition())
+                continue
+            raise CliError(str(msg.error()))
+        out.append(msg)
+        if msg.offset() + 1 >= ends[msg.partition()]:
+            done.add(msg.partition())
+    consumer.unassign()
+    return out
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:

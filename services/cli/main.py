@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true")
     tail.add_argument("--bootstrap", default=None)
 
+    status = sub.add_parser("status", help="per service: up, ready, throughput, lag; models; last drift events")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--bootstrap", default=None)
+
     topics = sub.add_parser("topics", help="list the stack's topics")
     topics.add_argument("--json", action="store_true")
     topics.add_argument("--bootstrap", default=None)
