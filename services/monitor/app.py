@@ -71,6 +71,7 @@ DELAY_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 8
 
 class MonitorProcessor:
     name = "monitor"
+    copartitioned = True  # a prediction and its label (both keyed by entity) meet on one replica
 
     def __init__(self, spec: PipelineSpec, settings: Settings, metrics: RuntimeMetrics):
         self.spec = spec

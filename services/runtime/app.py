@@ -30,6 +30,7 @@ from services.runtime.settings import Settings
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+MAX_FIELD_LABELS = 100
 DLQ_PREFIX = "streamlearn."
 
 # Cyclic garbage collection for a long-running consume loop (measured with tests/bench/bench_pipeline.py):
@@ -88,6 +89,8 @@ class StreamApp:
         self._last_loop = time.monotonic()
         self.http: ServiceHTTP | None = None
         self.transactional = False
+        self.copartitioned = False
+        self._field_labels: set[str] = set()
         self._acked: dict[str, object] = {}  # topic -> messages_out child (labels() costs ~2 us per call)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -148,7 +151,12 @@ class StreamApp:
         self.metrics.info.clear()
         self.metrics.info.labels(self.name, VERSION, guarantee).set(1)
         log.info("%s delivery guarantee: %s", self.name, guarantee)
-        self.consumer = make_consumer(self.settings.kafka, self.group_id, stats_cb=self.metrics.on_stats)
+        # a processor that joins two topics by key (the monitor: predictions with labels) needs the
+        # same partition numbers of both on one replica: the range assignor gives that (eagerly)
+        self.copartitioned = bool(getattr(self.processor, "copartitioned", False))
+        strategy = {"partition.assignment.strategy": "range"} if self.copartitioned else {}
+        self.consumer = make_consumer(self.settings.kafka, self.group_id, stats_cb=self.metrics.on_stats,
+                                      **strategy)
         self.consumer.subscribe(list(self.decoders), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         log.info("%s consuming %s as group %s", self.name, list(self.decoders), self.group_id)
@@ -190,7 +198,10 @@ class StreamApp:
             for p in partitions:
                 if (p.topic, p.partition) in starts:
                     p.offset = starts[(p.topic, p.partition)]
-        consumer.incremental_assign(partitions)
+        if self.copartitioned:
+            consumer.assign(partitions)
+        else:
+            consumer.incremental_assign(partitions)
         self._assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("%s assigned %s", self.name, [(p.topic, p.partition, p.offset) for p in partitions])
 
@@ -198,7 +209,9 @@ class StreamApp:
         hook = getattr(self.processor, "revoked", None)
         if hook:
             hook([(p.topic, p.partition) for p in partitions])
-        if partitions:
+        if self.copartitioned:
+            consumer.unassign()
+        elif partitions:
             consumer.incremental_unassign(partitions)
         self._assigned -= {(p.topic, p.partition) for p in partitions}
 
@@ -307,8 +320,17 @@ class StreamApp:
             return [self._dlq(batch[0], Reject("handler_error", "handler raised; see service log"))]
         return [out for msg in batch for out in self._handle([msg])]
 
+    def _field_label(self, field: str | None) -> str:
+        """The DLQ counter's ``field`` label: field paths can come from user input (unknown keys), so
+        past ``MAX_FIELD_LABELS`` distinct values the rest are counted as ``_other``."""
+        field = (field or "")[:64]
+        if field in self._field_labels or len(self._field_labels) < MAX_FIELD_LABELS:
+            self._field_labels.add(field)
+            return field
+        return "_other"
+
     def _dlq(self, message: Incoming, reject: Reject, extra: dict[str, str] | None = None) -> Outgoing:
-        self.metrics.dlq.labels(self.name, message.topic, reject.reason, reject.field or "").inc()
+        self.metrics.dlq.labels(self.name, message.topic, reject.reason, self._field_label(reject.field)).inc()
         headers = {
             "reason": reject.reason,
             "error": reject.error,

@@ -20,6 +20,9 @@ def producer_config(kafka: KafkaSettings, **overrides: object) -> dict[str, obje
         "linger.ms": kafka.linger_ms,
         "compression.type": kafka.compression_type,
         "batch.num.messages": 10000,
+        # the Java client's default partitioner: a key lands on the same partition whichever client
+        # produced it, which keyed joins (monitor, learner, ingestion state) rely on
+        "partitioner": "murmur2_random",
     }
     return conf | overrides
 

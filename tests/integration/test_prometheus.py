@@ -99,6 +99,13 @@ def test_every_dashboard_query_returns_data_from_a_running_stack(kafka_broker, r
             except AssertionError as exc:
                 raise AssertionError(f"{exc}: {failures}") from None
             rules = json.loads(urllib.request.urlopen(f"{base}/api/v1/rules", timeout=10).read())
+            lint = {}
+            for name, svc in stack.services.items():  # every /metrics endpoint passes promtool's linter
+                exposition = urllib.request.urlopen(svc.metrics_url, timeout=10).read()
+                check = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"],
+                                       input=exposition, capture_output=True)
+                if check.returncode != 0:
+                    lint[name] = (check.stdout + check.stderr).decode()[:500]
         finally:
             prom.terminate()
             prom.wait(20)
@@ -108,6 +115,7 @@ def test_every_dashboard_query_returns_data_from_a_running_stack(kafka_broker, r
     assert len(alerts) >= 7
     print(f"\n{len(queries)} panel queries returned data; {len(alerts)} alert rules healthy")
     assert orjson.dumps(failures) == b"{}"
+    assert lint == {}, lint
 
 
 def _up(base: str) -> int:
