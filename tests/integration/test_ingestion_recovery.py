@@ -39,8 +39,13 @@ class Outcome:
 
 
 def _count(bootstrap: str, topic: str) -> int:
-    """Messages in ``topic``; retried while a freshly created topic elects its leaders."""
-    from tests.integration.test_runtime import _count as count
+    """Committed messages in ``topic`` (read_committed: watermarks would also count the messages of
+    aborted transactions, now that ingestion is transactional); retried while a freshly created
+    topic elects its leaders."""
+    from tests.kafka_helpers import read_topic
+
+    def count(bootstrap: str, topic: str) -> int:
+        return len(read_topic(bootstrap, topic))
 
     return wait_until(lambda: _try(count, bootstrap, topic), 30, f"the size of {topic}") - 1
 
