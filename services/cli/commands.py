@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from schemas import DlqRecord, export
 from services.cli.stack import Stack, load_state, redact_url
+from services.runtime.kafka import PARTITIONER, read_topic
 from services.runtime.settings import ConfigError, KafkaSettings, Settings, TopicSettings, load
 
 
@@ -255,7 +256,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     role = args.topic if args.topic in topics.all() else "events"
     records, due = pace(_records(args.file, args, role), args.rate, args.speedup, args.sort)
     errors: list[str] = []
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True, "linger.ms": 5})
+    producer = Producer(kafka.client_config() | PARTITIONER | {"enable.idempotence": True, "linger.ms": 5})
 
     def delivered(err, _msg) -> None:
         if err:
@@ -285,7 +286,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def _consumer(kafka: KafkaSettings) -> Consumer:
     return Consumer(kafka.client_config() | {"group.id": f"streamlearn-cli-{uuid.uuid4().hex[:8]}",
                                              "enable.auto.commit": False, "enable.partition.eof": True,
-                                             "isolation.level": "read_committed"})
+                                             "isolation.level": "read_committed",
+                                             "fetch.wait.max.ms": kafka.fetch_wait_max_ms})
 
 
 def _render(msg, as_json: bool, is_dlq: bool) -> str:
@@ -315,38 +317,42 @@ def cmd_tail(args: argparse.Namespace) -> int:
     kafka, topics = _kafka(args)
     topic = _topic(args.topic, topics)
     consumer = _consumer(kafka)
-    meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
-    if meta is None or meta.error is not None:
-        raise CliError(f"no such topic {topic!r}")
-    assignment = []
-    for p in meta.partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-        assignment.append(TopicPartition(topic, p, max(low, high - args.n)))
-    consumer.assign(assignment)
     is_dlq = topic == topics.name("dlq")
-    messages, at_eof = [], set()
     try:
-        while args.follow or len(at_eof) < len(assignment):
-            msg = consumer.poll(1.0)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    at_eof.add(msg.partition())
-                    continue
-                raise CliError(str(msg.error()))
-            if args.follow:
-                print(_render(msg, args.json, is_dlq), flush=True)
-            else:
-                messages.append(msg)
+        meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise CliError(f"no such topic {topic!r}")
+        messages = read_topic(consumer, topic, last=args.n)
+        messages.sort(key=lambda m: m.timestamp()[1])
+        for msg in messages[-args.n:]:
+            print(_render(msg, args.json, is_dlq), flush=True)
+        if args.follow:
+            _follow(consumer, topic, messages, lambda msg: print(_render(msg, args.json, is_dlq), flush=True))
     except KeyboardInterrupt:
         pass
     finally:
         consumer.close()
-    messages.sort(key=lambda m: m.timestamp()[1])
-    for msg in messages[-args.n:]:
-        print(_render(msg, args.json, is_dlq))
     return 0
+
+
+def _follow(consumer: Consumer, topic: str, seen: list, emit) -> None:
+    """Print what arrives after the messages already shown, until interrupted."""
+    nxt: dict[int, int] = {}
+    for msg in seen:
+        nxt[msg.partition()] = max(nxt.get(msg.partition(), 0), msg.offset() + 1)
+    partitions = consumer.list_topics(topic, timeout=15).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, nxt[p]) if p in nxt else
+                     TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1])
+                     for p in partitions])
+    while True:
+        msg = consumer.poll(1.0)
+        if msg is None:
+            continue
+        if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF or msg.error().retriable():
+                continue
+            raise CliError(str(msg.error()))
+        emit(msg)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -382,43 +388,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     kafka, topics = _kafka(args)
     consumer = _consumer(kafka)
     try:
-        announcements = [m.value() for m in _read_all(consumer, topics.name("models")) if m.value()]
-        drift = [m.value() for m in _read_all(consumer, topics.name("drift"))][-5:]
+        announcements = [m.value() for m in read_topic(consumer, topics.name("models")) if m.value()]
+        drift = [m.value() for m in read_topic(consumer, topics.name("drift"))][-5:]
     finally:
         consumer.close()
     statuses = service_status(state["services"])
     models = latest_models(announcements)
     print(as_json(statuses, models, drift) if args.json else render(statuses, models, drift))
     return 0 if all(s.up for s in statuses) else 1
-
-
-def _read_all(consumer: Consumer, topic: str) -> list:
-    """Every message of ``topic`` up to its current end."""
-    meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
-    if meta is None or meta.error is not None:
-        return []
-    ends, assignment = {}, []
-    for p in meta.partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-        if high > low:
-            ends[p] = high
-            assignment.append(TopicPartition(topic, p, low))
-    consumer.assign(assignment)
-    out, done = [], set()
-    while len(done) < len(assignment):
-        msg = consumer.poll(5.0)
-        if msg is None:
-            break
-        if msg.error():
-            if msg.error().code() == KafkaError._PARTITION_EOF:
-                done.add(msg.partition())
-                continue
-            raise CliError(str(msg.error()))
-        out.append(msg)
-        if msg.offset() + 1 >= ends[msg.partition()]:
-            done.add(msg.partition())
-    consumer.unassign()
-    return out
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
@@ -455,7 +432,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     ann = registry.promote(args.model, args.version) if args.models_command == "promote" \
         else registry.rollback(args.model)
     kafka, topics = _kafka(args)
-    producer = Producer(kafka.client_config())
+    producer = Producer(kafka.client_config() | PARTITIONER)
     producer.produce(topics.name("models"), ann.model_dump_json().encode(), ann.model.encode())
     if producer.flush(30):
         raise CliError("announcement not delivered")

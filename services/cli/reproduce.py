@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer
 from pydantic import BaseModel
 
 from schemas import Features, Label
 from services.learner.core import apply, new_state
-from services.runtime.kafka import consumer_config
+from services.runtime.kafka import consumer_config, read_ranges
 from services.runtime.messages import Reject, schema_decoder
 from services.runtime.registry import ModelRegistry
 from services.runtime.settings import KafkaSettings
@@ -30,27 +30,15 @@ class Reproduction:
 
 def _read_ranges(kafka: KafkaSettings, runs: list[list]) -> dict[tuple[str, int], dict[int, bytes]]:
     """Every message of the runs' topic-partitions between the lowest and highest recorded offset."""
-    spans: dict[tuple[str, int], list[int]] = {}
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
     for topic, partition, start, end in runs:
-        span = spans.setdefault((topic, partition), [start, end])
-        span[0], span[1] = min(span[0], start), max(span[1], end)
+        a, b = spans.get((topic, partition), (start, end))
+        spans[(topic, partition)] = (min(a, start), max(b, end))
     consumer = Consumer(consumer_config(kafka, "streamlearn-reproduce", **{"enable.partition.eof": True}))
     messages: dict[tuple[str, int], dict[int, bytes]] = defaultdict(dict)
     try:
-        consumer.assign([TopicPartition(t, p, a) for (t, p), (a, _) in spans.items()])
-        done: set[tuple[str, int]] = set()
-        while len(done) < len(spans):
-            for msg in consumer.consume(1000, 1.0):
-                tp = (msg.topic(), msg.partition())
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        done.add(tp)
-                        continue
-                    raise RuntimeError(str(msg.error()))
-                if msg.offset() < spans[tp][1]:
-                    messages[tp][msg.offset()] = msg.value() or b""
-                if msg.offset() + 1 >= spans[tp][1]:
-                    done.add(tp)
+        for msg in read_ranges(consumer, spans, timeout=300):
+            messages[(msg.topic(), msg.partition())][msg.offset()] = msg.value() or b""
     finally:
         consumer.close()
     return messages

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.runtime.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# Every producer of keyed streamlearn topics (events, labels, features, predictions) must place a key on
+# the partition the Java client would: murmur2 of the key. librdkafka's default (CRC32) places the
+# same entity elsewhere, and keyed joins (the monitor's predictions with labels, on several replicas)
+# then never meet. Users' own librdkafka-based producers set this too (README, "Producing").
+PARTITIONER = {"partitioner": "murmur2_random"}
 
 
 def producer_config(kafka: KafkaSettings, **overrides: object) -> dict[str, object]:
@@ -20,9 +27,7 @@ def producer_config(kafka: KafkaSettings, **overrides: object) -> dict[str, obje
         "linger.ms": kafka.linger_ms,
         "compression.type": kafka.compression_type,
         "batch.num.messages": 10000,
-        # the Java client's default partitioner: a key lands on the same partition whichever client
-        # produced it, which keyed joins (monitor, learner, ingestion state) rely on
-        "partitioner": "murmur2_random",
+        **PARTITIONER,
     }
     return conf | overrides
 
@@ -78,3 +83,62 @@ def ensure_topics(kafka: KafkaSettings, topics: dict[str, tuple[int, dict[str, s
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise RuntimeError(f"cannot create topic {name!r}: {exc}") from exc
     log.info("created topics %s", [t.topic for t in new])
+
+
+def read_ranges(consumer: Consumer, ranges: dict[tuple[str, int], tuple[int, int]],
+                timeout: float = 60.0) -> list[Message]:
+    """The messages of each ``(topic, partition)`` with ``start <= offset < end``, in partition order.
+
+    ``consumer`` must have ``enable.partition.eof`` set. A partition is done at its end offset or at
+    the end of the partition as the consumer sees it: for a ``read_committed`` consumer that is the
+    last stable offset, so an open transaction is not waited for (its messages are not read). Errors
+    the client recovers from by itself (a broker restarting) are ridden out; others raise. Raises
+    ``TimeoutError`` naming how far it got when ``timeout`` passes first."""
+    ranges = {tp: (start, end) for tp, (start, end) in ranges.items() if end > start}
+    if not ranges:
+        return []
+    consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in ranges.items()])
+    out: list[Message] = []
+    done: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) < len(ranges):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {sorted(set(t for t, _ in ranges))}: {len(out)} messages, "
+                                   f"{len(ranges) - len(done)} of {len(ranges)} partitions not at their end "
+                                   f"after {timeout:.0f}s")
+            for msg in consumer.consume(1000, 0.2):
+                tp = (msg.topic(), msg.partition())
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        done.add(tp)
+                    elif err.fatal() or not (err.retriable() or err.code() in _TRANSIENT):
+                        raise RuntimeError(f"reading {msg.topic()}[{msg.partition()}]: {err}")
+                    continue
+                if tp in done or msg.offset() >= ranges[tp][1]:
+                    done.add(tp)
+                    continue
+                out.append(msg)
+                if msg.offset() + 1 >= ranges[tp][1]:
+                    done.add(tp)
+    finally:
+        consumer.unassign()
+    return out
+
+
+def read_topic(consumer: Consumer, topic: str, last: int | None = None, timeout: float = 60.0) -> list[Message]:
+    """Every message of ``topic`` up to its current end (the ``last`` N of each partition if given);
+    [] when the topic does not exist. See :func:`read_ranges`."""
+    meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+    if meta is None or meta.error is not None:
+        return []
+    ranges = {}
+    for p in meta.partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+        ranges[(topic, p)] = (low if last is None else max(low, high - last), high)
+    return read_ranges(consumer, ranges, timeout)
+
+
+# client-side errors librdkafka reports to the consumer and recovers from without help
+_TRANSIENT = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}

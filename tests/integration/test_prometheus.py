@@ -32,8 +32,10 @@ def _query(base: str, expr: str) -> dict:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
             return json.loads(r.read())
-    except urllib.error.HTTPError as exc:  # 400 = the expression does not parse
-        return json.loads(exc.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:  # Prometheus is up but not ready yet (still loading its TSDB)
+            return {}
+        return json.loads(exc.read())  # 400 = the expression does not parse: Prometheus explains why
     except urllib.error.URLError:  # not listening yet
         return {}
 
