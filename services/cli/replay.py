@@ -21,7 +21,7 @@ import orjson
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
 
 from services.cli.datasets import Example
-from services.runtime.kafka import consumer_config
+from services.runtime.kafka import PARTITIONER, consumer_config
 from services.runtime.settings import KafkaSettings
 
 
@@ -48,7 +48,7 @@ class Replayer:
     def __init__(self, kafka: KafkaSettings, topics: dict[str, str], model_name: str):
         self.topics = topics
         self.model_name = model_name
-        self.producer = Producer(kafka.client_config() | {"linger.ms": 2, "enable.idempotence": True})
+        self.producer = Producer(kafka.client_config() | PARTITIONER | {"linger.ms": 2, "enable.idempotence": True})
         self.consumer = Consumer(consumer_config(kafka, f"streamlearn-replay-{uuid.uuid4().hex[:8]}"))
         self._watch()
         self.result = ReplayResult()

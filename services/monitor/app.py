@@ -38,9 +38,10 @@ figure of a version comes from the additive terms, summed over replicas (and ove
 
 Precision, recall, F1, log loss, MAE and R2 combine the same way; rolling windows, ROC AUC and the
 macro-averaged metrics are not additive and stay per replica. The join needs a prediction and its
-label in the same replica: both topics are keyed by entity and must have the same partition count,
-and a replica must own the same partition numbers of both (the cooperative-sticky assignor does not
-promise that; with one replica, or a co-partitioning assignor, every label finds its prediction).
+label in the same replica: both topics are keyed by entity with the same partitioner (murmur2, the
+Java client's; the scorer uses it, label producers must too) and have the same partition count, and
+the monitor consumes with the range assignor, which gives one replica the same partition numbers of
+both (tests/integration/test_monitor.py: two replicas, one combined figure equal to River's).
 Drift detectors also run per replica on its share of the stream: a shift seen by every replica
 fires once per replica.
 """

@@ -177,7 +177,7 @@ def bench_producer(bootstrap: str, **overrides: object) -> Producer:
     return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": "lz4",
                      "enable.idempotence": True, "acks": "all", "batch.num.messages": 10000,
                      "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2_000_000,
-                     "log.connection.close": False, **overrides})
+                     "log.connection.close": False, "partitioner": "murmur2_random", **overrides})
 
 
 def produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
