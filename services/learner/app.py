@@ -71,6 +71,9 @@ class LearnerProcessor:
                                      "Champion promotions, resets and drift challengers", labels + ["event"])
         self.m_publish_errors = m.counter("streamlearn_learner_publish_errors_total", "Failed publications",
                                           labels)
+        for event in ("promotion", "reset", "drift_challenger"):  # series exist at 0 from the start
+            self.m_lifecycle.labels(self.name, self.model_name, event)
+        self.m_publish_errors.labels(self.name, self.model_name)
         self.m_checkpoint = m.histogram("streamlearn_checkpoint_seconds", "Time to write a checkpoint", labels)
         self.m_checkpoint_bytes = m.gauge("streamlearn_checkpoint_bytes", "Size of the last checkpoint", labels)
         self.m_checkpoint_ts = m.gauge("streamlearn_checkpoint_timestamp_seconds",

@@ -107,9 +107,7 @@ class StreamApp:
 
     def ready(self) -> bool:
         hook = getattr(self.processor, "ready", None)
-        ok = bool(self._assigned) and (hook() if hook else True)
-        self.metrics.ready.labels(self.name).set(1 if ok else 0)
-        return ok
+        return bool(self._assigned) and (hook() if hook else True)
 
     def start_http(self) -> ServiceHTTP:
         routes: dict[tuple[str, str], Route] = {}

@@ -33,6 +33,8 @@ def main(name: str, build: Callable[[Settings, RuntimeMetrics], Processor]) -> i
                        healthy=lambda: "app" not in holder or holder["app"].healthy(),
                        ready=lambda: "app" in holder and holder["app"].ready()).start()
     logging.getLogger(name).info("%s metrics at %s/metrics", name, http.url)
+    # evaluated at each scrape, whoever probes /readyz (Kubernetes probes the learner on /healthz)
+    metrics.ready.labels(name).set_function(lambda: 1.0 if "app" in holder and holder["app"].ready() else 0.0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # until the loop takes over
     try:
         processor = build(settings, metrics)

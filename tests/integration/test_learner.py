@@ -58,7 +58,10 @@ def test_kill_9_during_learning_learns_each_label_exactly_once(kafka_broker, red
             stack.start_service("learner")
         wait_until(lambda: _examples_seen(stack) >= 1250, 120, "all 1,250 examples learned")
         stack.wait_ready(60, names=("learner",))
-        learned = scrape(stack.services["learner"].metrics_url, "streamlearn_learner_examples_learned")
+        # the gauge moves at the checkpoint, which follows the announcement of the same batch
+        learned = wait_until(lambda: scrape(stack.services["learner"].metrics_url,
+                                            "streamlearn_learner_examples_learned") == [1250.0] and [1250.0],
+                             30, "the learner's gauge to reach 1,250")
     finally:
         stack.stop()
     announcements = values(read_topic(stack.bootstrap, stack.topics.name("models")))
@@ -104,6 +107,9 @@ def test_two_learners_are_one_writer_and_a_hot_standby(kafka_broker, redis_serve
         standby = stack.start_service("learner", alias="learner-standby")
         wait_until(standby.alive, 30, "the standby's health endpoint")
         assert not standby.ready()
+        # which replica writes, as a metric (Kubernetes probes the learner on /healthz, not /readyz)
+        assert scrape(standby.metrics_url, "streamlearn_ready") == [0.0]
+        assert scrape(stack.services["learner"].metrics_url, "streamlearn_ready") == [1.0]
         produce_all(stack.bootstrap, stack.topics.name("events"),
                     [(e.event["entity_id"].encode(), orjson.dumps(e.event)) for e in data])
         produce_all(stack.bootstrap, stack.topics.name("labels"),
@@ -113,7 +119,9 @@ def test_two_learners_are_one_writer_and_a_hot_standby(kafka_broker, redis_serve
         stack.kill_service("learner")
         stack.wait_ready(60, names=("learner-standby",))
         wait_until(lambda: _examples_seen(stack) >= 1250, 120, "the standby to learn the rest")
-        learned = scrape(standby.metrics_url, "streamlearn_learner_examples_learned")
+        learned = wait_until(lambda: scrape(standby.metrics_url, "streamlearn_learner_examples_learned") == [1250.0]
+                             and [1250.0], 30, "the standby's gauge to reach 1,250")
+        assert scrape(standby.metrics_url, "streamlearn_ready") == [1.0]
         log = standby.log_path.read_text()
     finally:
         stack.stop()

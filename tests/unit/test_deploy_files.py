@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.runtime.metrics import RuntimeMetrics
 from services.runtime.settings import ServiceSettings, TopicSettings, env_var_names, load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,12 +99,24 @@ def _partitions(args: str) -> int:
 
 def allowed_metric_names() -> set[str]:
     """Every metric the services declare (string literals 'streamlearn_...' under services/), with
-    the histogram series suffixes, plus Prometheus' own ``up``."""
+    the histogram series suffixes, the series of the collectors every service's registry carries
+    (``process_*``, ``python_info``), plus Prometheus' own ``up``."""
     names = set()
     for path in (ROOT / "services").rglob("*.py"):
         names |= set(METRIC_LITERAL.findall(path.read_text()))
     assert "streamlearn_messages_in_total" in names, "metric scan found nothing: did services/ move?"
-    return names | {n + s for n in names for s in HISTOGRAM_SUFFIXES} | {"up"}
+    return names | {n + s for n in names for s in HISTOGRAM_SUFFIXES} | {"up"} | runtime_collector_names()
+
+
+def runtime_collector_names() -> set[str]:
+    """Series of the runtime registry's non-streamlearn collectors (ProcessCollector, PlatformCollector)."""
+    registry = RuntimeMetrics("probe").registry
+    return {s.name for family in registry.collect() for s in family.samples if not s.name.startswith("streamlearn_")}
+
+
+def recorded_names() -> set[str]:
+    """Series the recording rules of infra/prometheus/rules record."""
+    return {rule["record"] for rule in _rules() if "record" in rule}
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -143,6 +156,17 @@ def _dashboard_exprs() -> list[tuple[str, str, str]]:
             for target in panel.get("targets", []):
                 if "expr" in target:
                     out.append((path.name, panel.get("title", "?"), target["expr"]))
+    return out
+
+
+def _annotation_exprs() -> list[tuple[str, str, str]]:
+    """(dashboard file, annotation name, expr) of every Prometheus annotation query."""
+    out = []
+    for path in _dashboard_files():
+        for annotation in json.loads(path.read_text()).get("annotations", {}).get("list", []):
+            expr = annotation.get("expr") or annotation.get("target", {}).get("expr")
+            if expr:
+                out.append((path.name, annotation["name"], expr))
     return out
 
 
@@ -293,7 +317,8 @@ def test_k8s_deployment(name):
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", f"services.{name}"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the learner's standby is healthy but not "ready" (it does not consume): see infra/k8s/learner.yaml
+    assert container["readinessProbe"]["httpGet"]["path"] == ("/healthz" if name == "learner" else "/readyz")
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe"):
@@ -305,9 +330,9 @@ def test_k8s_deployment(name):
     assert ("STREAMLEARN_MODEL_SIGNING_KEY" in env_names) == (name in SIGNING_SERVICES)
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
-    if name == "learner":
-        assert deployment["spec"]["replicas"] == 1
-        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    if name == "learner":  # one writer (the lease) and a hot standby, replaced one at a time
+        assert deployment["spec"]["replicas"] == 2
+        assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def test_k8s_scaling():
@@ -328,6 +353,7 @@ def test_k8s_scaling():
             assert obj["maxReplicaCount"] <= partitions[meta["topic"]], "replicas beyond partitions idle"
         assert f"streamlearn-{name}" in budgets
     assert "streamlearn-learner" not in scaled, "the learner is a single writer: never autoscale it"
+    assert budgets["streamlearn-learner"]["spec"]["maxUnavailable"] == 1, "drain the learner's pods one by one"
 
 
 # ---- Prometheus ------------------------------------------------------------------------------------
@@ -370,30 +396,101 @@ def test_alerts_are_documented():
 
 # ---- Grafana ---------------------------------------------------------------------------------------
 
+# file -> (uid, tag of its own, metrics its panels must query)
+DASHBOARD_SET = {
+    "streamlearn-overview.json": ("streamlearn-overview", "pipeline", (
+        "streamlearn_messages_in_total", "streamlearn_messages_out_total", "streamlearn_predictions_total",
+        "streamlearn_prediction_latency_seconds_bucket", "streamlearn_consumer_lag_messages",
+        "streamlearn_dlq_messages_total")),
+    "streamlearn-models.json": ("streamlearn-models", "models", (
+        "model_version:streamlearn_model_quality:combined_1h", "streamlearn_model_quality",
+        "streamlearn_learner_progressive_metric", "streamlearn_learner_published_version",
+        "streamlearn_model_version", "streamlearn_learner_examples_learned",
+        "streamlearn_checkpoint_timestamp_seconds")),
+    "streamlearn-drift.json": ("streamlearn-drift", "drift", ("streamlearn_drift_detections_total",)),
+    "streamlearn-service-health.json": ("streamlearn-service-health", "health", (
+        "up", "streamlearn_ready", "streamlearn_errors_total", "streamlearn_produce_retries_total",
+        "streamlearn_offset_commits_total", "streamlearn_handler_latency_seconds_bucket",
+        "streamlearn_batch_size_messages_bucket", "streamlearn_last_batch_timestamp_seconds",
+        "process_cpu_seconds_total", "process_resident_memory_bytes", "streamlearn_model_loads_total")),
+}
+
+
 def test_dashboards_parse_and_use_known_metrics_only():
-    allowed = allowed_metric_names()
+    allowed = allowed_metric_names() | recorded_names()
     exprs = _dashboard_exprs()
     assert exprs
     for path in _dashboard_files():
         dashboard = json.loads(path.read_text())
         assert dashboard["schemaVersion"] == 39 and dashboard["uid"] and dashboard["title"]
-    for file, title, expr in exprs:
+    for file, title, expr in exprs + _annotation_exprs():
         names = metric_names_in(expr)
         assert names, f"{file} / {title}: {expr!r} selects no metric"
         unknown = names - allowed
         assert not unknown, f"{file} / {title}: unknown metrics {sorted(unknown)} in {expr!r}"
 
 
+def test_dashboards_use_only_the_variables_the_ops_test_substitutes():
+    """tests/integration/test_prometheus.py runs every panel query with ``"$model"`` -> ``".*"`` and
+    ``$__rate_interval`` -> ``1m``: any other Grafana variable would reach Prometheus as is."""
+    for file, title, expr in _dashboard_exprs():
+        rest = expr.replace('"$model"', "").replace("$__rate_interval", "")
+        assert "$" not in rest, f"{file} / {title}: {expr!r} uses a variable other than \"$model\" / $__rate_interval"
+
+
 def test_overview_dashboard_covers_the_pipeline():
+    overview = json.loads((DASHBOARDS / "streamlearn-overview.json").read_text())
+    assert overview["uid"] == "streamlearn-overview", "docker-compose's home dashboard and links use this uid"
+    home = _compose()["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == "/var/lib/grafana/dashboards/streamlearn-overview.json"
     exprs = " ".join(e for f, _, e in _dashboard_exprs() if f == "streamlearn-overview.json")
-    for needle in ("streamlearn_messages_in_total", "streamlearn_messages_out_total",
-                   "streamlearn_prediction_latency_seconds_bucket", "streamlearn_consumer_lag_messages",
-                   "streamlearn_dlq_messages_total", "streamlearn_model_quality",
-                   "streamlearn_drift_detections_total", "streamlearn_learner_examples_learned",
-                   "streamlearn_checkpoint_timestamp_seconds"):
+    for needle in DASHBOARD_SET["streamlearn-overview.json"][2]:
         assert needle in exprs, f"overview dashboard lacks {needle}"
     for quantile in ("0.50", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (model, le) (rate(streamlearn_prediction_latency" in exprs
+
+
+def test_four_linked_dashboards():
+    """Pipeline overview, models, drift and per-service health: each queries its metrics, carries the
+    $model variable, and links to the others by tag."""
+    dashboards = {path.name: json.loads(path.read_text()) for path in _dashboard_files()}
+    assert set(DASHBOARD_SET) <= set(dashboards), f"missing dashboards {sorted(set(DASHBOARD_SET) - set(dashboards))}"
+    uids = [d["uid"] for d in dashboards.values()]
+    assert len(uids) == len(set(uids)), "dashboard uids must be unique"
+    exprs = _dashboard_exprs()
+    for file, (uid, tag, needles) in DASHBOARD_SET.items():
+        dashboard = dashboards[file]
+        assert dashboard["uid"] == uid and "streamlearn" in dashboard["tags"] and tag in dashboard["tags"]
+        selected = set().union(*(metric_names_in(e) for f, _, e in exprs if f == file))
+        missing = [n for n in needles if n not in selected]
+        assert not missing, f"{file} lacks {missing}"
+        model = {v["name"]: v for v in dashboard["templating"]["list"]}["model"]
+        assert model["includeAll"] and model["allValue"] == ".*" and model["multi"]
+        links = [link for link in dashboard["links"] if link["type"] == "dashboards"]
+        assert links, f"{file}: no dashboard links"
+        for other in dashboards.values():  # every other streamlearn dashboard is reachable by tag
+            assert any(set(link["tags"]) <= set(other["tags"]) for link in links), f"{file} misses {other['uid']}"
+        panels = list(_panels(dashboard["panels"]))
+        ids = [p["id"] for p in panels]
+        assert len(ids) == len(set(ids)), f"{file}: duplicate panel ids"
+        assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in panels), f"{file}: panel beyond the grid"
+
+
+def test_models_dashboard_shows_the_combined_quality():
+    models = json.loads((DASHBOARDS / "streamlearn-models.json").read_text())
+    panels = {p["title"]: p for p in _panels(models["panels"])}
+    combined = panels["Quality per version, all monitor replicas combined"]
+    (target,) = combined["targets"]
+    assert target["expr"].startswith("model_version:streamlearn_model_quality:combined_1h{")
+    assert '"$model"' in target["expr"]
+    assert "model_version:streamlearn_model_quality:combined_1h" in recorded_names()
+    # one recorded series per combined figure, told apart by the metric label
+    metrics = {rule["labels"]["metric"] for rule in _rules()
+               if rule.get("record") == "model_version:streamlearn_model_quality:combined_1h"}
+    assert {"accuracy", "mae", "rmse"} <= metrics
+    unit_tests = (PROMETHEUS / "tests" / "streamlearn_test.yml").read_text()
+    for metric in metrics:
+        assert f'metric="{metric}"' in unit_tests, f"combined {metric}: no promtool unit test"
 
 
 def test_grafana_provisioning():
@@ -435,7 +532,7 @@ def test_promtool_test_rules():
 def test_promtool_dashboard_exprs_are_valid_promql(tmp_path):
     """promtool parses every dashboard expression (as a recording rule)."""
     rules = []
-    for i, (_, _, expr) in enumerate(_dashboard_exprs()):
+    for i, (_, _, expr) in enumerate(_dashboard_exprs() + _annotation_exprs()):
         for var, value in GRAFANA_VARS:
             expr = expr.replace(var, value)
         expr = re.sub(r"\$\{?\w+\}?", ".*", expr)  # template variables are regexes (allValue .*)
