@@ -30,7 +30,7 @@ bench: $(STAMP) kafka
 
 # the fault-injection suite at soak size (make test runs a bounded form)
 soak: $(STAMP) kafka
-	STREAMLEARN_FAULT_EVENTS=60000 STREAMLEARN_FAULT_RATE=800 $(PY) -m pytest -q -s tests/reliability/test_faults.py
+	STREAMLEARN_FAULT_EVENTS=60000 STREAMLEARN_FAULT_RATE=800 STREAMLEARN_FAULT_ROUNDS=3 $(PY) -m pytest -q -s tests/reliability/test_faults.py
 
 clean:
 	rm -rf .streamlearn .pytest_cache

@@ -5,7 +5,7 @@ topics themselves: no event is missing from features or predictions, each event 
 committed prediction (Kafka transactions), and every label was learned exactly once.
 
 `make test` runs a bounded form (STREAMLEARN_FAULT_EVENTS, default 12,000 events); the soak form is
-`make soak` (60,000 events).
+`make soak` (60,000 events, the fault schedule three times: 36 faults).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tests.kafka_helpers import read_topic, values
 
 EVENTS = int(os.environ.get("STREAMLEARN_FAULT_EVENTS", "12000"))
 RATE = int(os.environ.get("STREAMLEARN_FAULT_RATE", "600"))
+ROUNDS = int(os.environ.get("STREAMLEARN_FAULT_ROUNDS", "1"))  # the fault schedule, repeated over the stream
 DELAY = 100
 
 pytestmark = pytest.mark.kafka
@@ -164,9 +165,9 @@ def test_nothing_lost_nothing_duplicated_under_faults(tmp_path):
 
         schedule = [("ingestion", 0.08), ("scorer", 0.14), ("learner", 0.2), ("monitor", 0.26),
                     ("broker", 0.34), ("ingestion-2", 0.42), ("scorer-2", 0.5), ("redis", 0.58),
-                    ("learner", 0.66), ("scorer", 0.74), ("ingestion", 0.82)]
-        for target, fraction in schedule:
-            at(fraction + rng.uniform(-0.03, 0.03))
+                    ("learner", 0.66), ("scorer", 0.74), ("ingestion", 0.82), ("monitor", 0.9)]
+        for target, fraction in [(t, (r + f) / ROUNDS) for r in range(ROUNDS) for t, f in schedule]:
+            at(fraction + rng.uniform(-0.03, 0.03) / ROUNDS)
             if target == "broker":
                 broker.stop()
                 broker.start()
