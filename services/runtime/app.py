@@ -43,6 +43,15 @@ DLQ_PREFIX = "streamlearn."
 # collected at the next collection, after at most 50,000 net allocations.
 GC_THRESHOLDS = (50_000, 10, 10)
 TXN_RETRY_BACKOFF_MS = 10
+# Back-off between attempts to deliver a batch whose outputs the broker refused (a downstream topic
+# unwritable or gone, a broker away): the first retry after 0.1 s, doubling up to one every 5 s, so
+# an outage of N seconds costs about N / 5 + 6 attempts (each counted and logged), not a busy loop.
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
+# commit_transaction flushes the transaction's outputs first; when that does not finish in time it
+# raises a retriable error and the commit goes on in the background: calling it again waits for it
+# and returns its outcome (committed, or an abortable error)
+TXN_COMMIT_TIMEOUT_S = 10
 
 
 def tune_gc() -> None:
@@ -92,6 +101,7 @@ class StreamApp:
         self.copartitioned = False
         self._field_labels: set[str] = set()
         self._acked: dict[str, object] = {}  # topic -> messages_out child (labels() costs ~2 us per call)
+        self._txn_backoff = BACKOFF_FIRST_S  # wait before re-processing after the next aborted transaction
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -263,26 +273,76 @@ class StreamApp:
     def _transact(self, outputs: list[Outgoing], offsets: dict[tuple[str, int], int],
                   starts: dict[tuple[str, int], int]) -> None:
         """Outputs and the consumed offsets in one Kafka transaction: a ``read_committed`` reader
-        sees the batch's outputs exactly once, or not at all if the process dies before the commit."""
+        sees the batch's outputs exactly once, or not at all if the process dies before the commit.
+
+        A transaction that fails (an output refused by the broker, then a produce into the failed
+        transaction) is aborted, the consumer is rewound to the batch's first offsets, and the loop
+        waits with exponential back-off before it consumes and handles the batch again: an
+        unwritable topic costs one attempt per back-off, not a busy loop of aborted transactions.
+        A fatal error (fenced by a newer instance), or a failure that cannot be aborted, crashes the
+        service: it restarts from the committed offsets."""
+        self._delivery_errors = []
+        positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self._assigned]
         try:
             self.producer.begin_transaction()
             for out in outputs:
                 self._produce(out)
-            positions = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self._assigned]
             if positions:
                 self.producer.send_offsets_to_transaction(positions, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(60)
-            self.metrics.commits.labels(self.name).inc()
+            self._commit_transaction()
         except KafkaException as exc:
             err = exc.args[0]
-            if not err.txn_requires_abort():
-                raise  # fatal (e.g. fenced by a newer instance): crash, restart, resume from committed
-            self.metrics.errors.labels(self.name, "transaction_abort").inc()
-            log.warning("%s: transaction aborted (%s); re-processing the batch", self.name, err)
+            if err.fatal():
+                raise  # e.g. fenced by a newer instance: crash, restart, resume from committed
+            self._abort_and_rewind(err, starts)
+            return
+        self.metrics.commits.labels(self.name).inc()
+        self._txn_backoff = BACKOFF_FIRST_S
+        if positions:
+            # the consumer does not see offsets committed through the producer: stored here, they
+            # keep librdkafka's consumer_lag_stored statistic right (never committed by the consumer:
+            # enable.auto.commit is off)
+            try:
+                self.consumer.store_offsets(offsets=positions)
+            except KafkaException as exc:
+                log.debug("%s: storing offsets for the lag statistic: %s", self.name, exc)
+
+    def _commit_transaction(self) -> None:
+        while True:
+            try:
+                self.producer.commit_transaction(TXN_COMMIT_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable() or err.txn_requires_abort() or err.fatal() or self._stop.is_set():
+                    raise
+                # e.g. outputs held back by librdkafka after a sequence gap (a failed transaction's
+                # refused batches); the retried call returns the abortable error once it is known
+                log.warning("%s: transaction commit not finished (%s); waiting for its outcome", self.name, err)
+                self._last_loop = time.monotonic()
+
+    def _abort_and_rewind(self, err: KafkaError, starts: dict[tuple[str, int], int]) -> None:
+        refused = self._delivery_errors  # the abort purges what is still queued: not refusals
+        self._delivery_errors = []
+        try:
+            # succeeds only if nothing of the transaction can be committed any more
             self.producer.abort_transaction(30)
-            for (topic, partition), offset in starts.items():
-                if (topic, partition) in self._assigned:
-                    self.consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException:
+            log.error("%s: transaction failed (%s) and cannot be aborted", self.name, err)
+            raise
+        backoff = self._txn_backoff
+        self._txn_backoff = min(backoff * 2, BACKOFF_CAP_S)
+        self.metrics.errors.labels(self.name, "transaction_abort").inc()
+        self.metrics.produce_retries.labels(self.name).inc()
+        log.warning("%s: transaction aborted (%s%s); re-processing the batch, retrying in %.1fs", self.name, err,
+                    f"; {len(refused)} outputs refused: {refused[0][1]}" if refused else "", backoff)
+        for (topic, partition), offset in starts.items():
+            if (topic, partition) in self._assigned:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+        self._delivery_errors = []
+        # the loop goes on after the wait (it polls, so the group membership is kept); a stop
+        # requested meanwhile ends it with nothing committed
+        self._stop.wait(backoff)
 
     def _handle(self, batch: list[Incoming]) -> list[Outgoing]:
         backoff = 0.1
@@ -347,7 +407,7 @@ class StreamApp:
         """Produce ``outputs`` and block until the broker acknowledged every one of them; failed
         deliveries are re-produced with back-off (never dropped, never committed past)."""
         pending = outputs
-        backoff = 0.1
+        backoff = BACKOFF_FIRST_S
         while pending:
             self._delivery_errors = []
             for out in pending:
@@ -369,7 +429,10 @@ class StreamApp:
             if pending:
                 if self._stop.wait(backoff):
                     raise SystemExit(f"{self.name}: stopped with undelivered outputs; offsets not committed")
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, BACKOFF_CAP_S)
+                # retrying with back-off is the loop at work, not a hung loop: /healthz stays 200, so a
+                # liveness probe does not restart a service that waits for a downstream topic
+                self._last_loop = time.monotonic()
 
     def _produce(self, out: Outgoing) -> None:
         key, value = out.encoded()

@@ -43,6 +43,16 @@ def consumer_config(kafka: KafkaSettings, group_id: str, **overrides: object) ->
         "isolation.level": "read_committed",
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
+        # Back-pressure: when producers outrun a service, the backlog must stay in Kafka (as lag),
+        # not in the service's memory. librdkafka prefetches until its queue holds 100,000 messages
+        # or 64 MiB by default: a burst of 100,000 events of 310 bytes sat in ingestion's memory
+        # (RSS +70 MB). 8 MiB is still about a second of work at the fastest measured rate (25,000
+        # events/s): RSS +35 MB for that burst (tests/reliability/test_overload.py).
+        # The bound is checked before each fetch, so one fetch response overshoots it: fetch.max.bytes
+        # (compressed, per broker; librdkafka's minimum is message.max.bytes, 1,000,000) makes that
+        # one 1 MiB response instead of 1 MiB per partition.
+        "queued.max.messages.kbytes": kafka.consumer_queue_kbytes,
+        "fetch.max.bytes": 1_048_576,
     }
     return conf | overrides
 

@@ -85,6 +85,11 @@ class RuntimeMetrics:
             return
         for topic, tstats in stats.get("topics", {}).items():
             for partition, pstats in tstats.get("partitions", {}).items():
-                lag = pstats.get("consumer_lag", -1)
+                # transactional services commit offsets through the producer, which the consumer's
+                # committed-offset lag (consumer_lag) never sees: they store them after each commit,
+                # so the stored-offset lag is theirs; at-least-once services commit on the consumer
+                lag = pstats.get("consumer_lag_stored", -1)
+                if lag is None or lag < 0:
+                    lag = pstats.get("consumer_lag", -1)
                 if partition != "-1" and lag is not None and lag >= 0:
                     self.lag.labels(self.service, topic, partition).set(lag)

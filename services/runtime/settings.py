@@ -51,6 +51,9 @@ class KafkaSettings(_Group):
     fetch_wait_max_ms: int = Field(default=100, ge=1, le=60000,
                                    description="broker long-poll bound; the embedded Tansu broker always "
                                                "waits this long, so its profile sets 10")
+    consumer_queue_kbytes: int = Field(default=8192, ge=1024, le=2_097_151,
+                                       description="prefetch bound per consumer (librdkafka "
+                                                   "queued.max.messages.kbytes); see kafka.consumer_config")
     linger_ms: float = Field(default=5, ge=0)
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     transactions: Literal["auto", "on", "off"] = "auto"

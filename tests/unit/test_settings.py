@@ -95,6 +95,7 @@ def test_settings_are_frozen():
     ("STREAMLEARN_KAFKA_SASL_MECHANISM", "GSSAPI", "'PLAIN'"),
     ("STREAMLEARN_KAFKA_SESSION_TIMEOUT_MS", "10", "greater than or equal to 1000"),
     ("STREAMLEARN_KAFKA_COMPRESSION_TYPE", "brotli", "'lz4'"),
+    ("STREAMLEARN_KAFKA_CONSUMER_QUEUE_KBYTES", "100", "greater than or equal to 1024"),
     ("STREAMLEARN_REDIS_SOCKET_TIMEOUT_S", "0", "greater than 0"),
     ("STREAMLEARN_MODEL_SIGNING_KEY", "short", "at least 16 characters"),
 ])
@@ -153,6 +154,19 @@ def test_sasl_and_tls_settings_are_passed_through_to_librdkafka():
     assert conf["ssl.certificate.location"] == "/etc/streamlearn/client.pem"
     assert conf["ssl.key.location"] == "/etc/streamlearn/client.key"
     assert conf["ssl.key.password"] == SSL_KEY_PASSWORD
+
+
+def test_consumer_prefetch_is_bounded_by_a_setting():
+    """A backlog stays in Kafka: the consumers' prefetch queue is bounded (librdkafka's default is
+    64 MiB or 100,000 messages) and one fetch response cannot overshoot it by much."""
+    from services.runtime.kafka import consumer_config
+
+    default = consumer_config(load(BASE).kafka, "g")
+    assert default["queued.max.messages.kbytes"] == 8192
+    assert default["fetch.max.bytes"] <= default["queued.max.messages.kbytes"] * 1024 // 4
+    assert default["fetch.max.bytes"] >= 1_000_000, "librdkafka refuses less than message.max.bytes"
+    chosen = load({**BASE, "STREAMLEARN_KAFKA_CONSUMER_QUEUE_KBYTES": "2048"}).kafka
+    assert consumer_config(chosen, "g")["queued.max.messages.kbytes"] == 2048
 
 
 def test_plaintext_config_has_no_security_keys():
