@@ -24,7 +24,10 @@ Metrics (besides the runtime's):
   ``streamlearn_monitor_label_delay_seconds{service,model}``: label event time - prediction event time;
 - ``streamlearn_monitor_quality_terms_total{service,model,model_version,term}``: the additive terms of
   the cumulative figures (:meth:`VersionQuality.sums`), for several replicas (below);
-- ``streamlearn_drift_detections_total{service,model,detector,kind,target}``.
+- ``streamlearn_drift_detections_total{service,model,detector,kind,target}``;
+- ``streamlearn_model_quality_threshold{service,model,metric,bound}`` and
+  ``streamlearn_monitor_label_coverage_min{service,model}``: the spec's alert bounds
+  (``monitor.thresholds``, ``monitor.min_label_coverage``), which the alert rules compare with.
 
 Several replicas: each consumes some partitions of predictions and labels and knows only its share
 of each model version, so its ``streamlearn_model_quality`` is a per-replica figure. The combined
@@ -85,6 +88,10 @@ class MonitorProcessor:
         if unfit:
             raise SpecError(f"monitor.metrics: {unfit} do not fit a {self.task} model "
                             f"(it has {list(TASK_METRICS[self.task])})")
+        untracked = [m for m in spec.monitor.thresholds if m not in self.metric_names]
+        if untracked:
+            raise SpecError(f"monitor.thresholds: {untracked} are not reported for this model "
+                            f"(monitor.metrics: {list(self.metric_names)})")
         self.join = LabelJoin(spec.monitor.join_ttl_s, spec.label.max_pending)
         self.quality: dict[tuple[str, int], VersionQuality] = {}  # (model, version)
         self.overall: dict[str, VersionQuality] = {}  # model -> all its versions
@@ -123,6 +130,18 @@ class MonitorProcessor:
         self.m_pending = metrics.gauge("streamlearn_monitor_join_pending", "Predictions and labels waiting",
                                        ["service"])
         self.m_errors = metrics.errors
+        # the spec's alert bounds, as series the alert rules compare with (on model, metric)
+        threshold = metrics.gauge("streamlearn_model_quality_threshold",
+                                  "Alert bound of a quality metric from the pipeline spec",
+                                  ["service", "model", "metric", "bound"])
+        for metric, bounds in spec.monitor.thresholds.items():
+            for bound in ("min", "max"):
+                if getattr(bounds, bound) is not None:
+                    threshold.labels(self.name, self.champion, metric, bound).set(getattr(bounds, bound))
+        if spec.monitor.min_label_coverage is not None:
+            metrics.gauge("streamlearn_monitor_label_coverage_min",
+                          "Alert bound of the label coverage from the pipeline spec", ["service", "model"]
+                          ).labels(self.name, self.champion).set(spec.monitor.min_label_coverage)
         metrics.registry.register(_QualityTerms(self))
         self._labelled_child: dict[str, Any] = {}
         self._delay_child: dict[str, Any] = {}

@@ -301,6 +301,19 @@ class ScorerSpec(_Spec):
     canary: CanarySpec | None = None
 
 
+class QualityThreshold(_Spec):
+    """Alert bounds of one quality metric (the rolling figure of each champion version)."""
+
+    min: float | None = Field(default=None, description="alert when the figure falls below (accuracy, f1, ...)")
+    max: float | None = Field(default=None, description="alert when the figure rises above (log_loss, mae, ...)")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> QualityThreshold:
+        if self.min is None and self.max is None:
+            raise ValueError("give min or max (or both)")
+        return self
+
+
 class MonitorSpec(_Spec):
     quality_window: int = Field(default=200, ge=1)
     quality_interval_s: float = Field(default=2.0, gt=0)
@@ -308,6 +321,11 @@ class MonitorSpec(_Spec):
     metrics: list[Literal[QUALITY_METRICS]] | None = Field(  # type: ignore[valid-type]
         default=None, min_length=1, description="quality metrics to report (default: all that fit the task)")
     drift: list[DriftSpec] = []
+    thresholds: dict[Literal[QUALITY_METRICS], QualityThreshold] = Field(  # type: ignore[valid-type]
+        default={}, description="quality alert bounds per metric (exported; alert StreamlearnModelQualityLow)")
+    min_label_coverage: float | None = Field(
+        default=None, ge=0, le=1,
+        description="alert when fewer predictions than this share get their label (StreamlearnLabelCoverageLow)")
 
     @field_validator("metrics")
     @classmethod

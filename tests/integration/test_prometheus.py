@@ -114,7 +114,7 @@ def test_every_dashboard_query_returns_data_from_a_running_stack(kafka_broker, r
     groups = rules["data"]["groups"]
     assert all(rule["health"] == "ok" for g in groups for rule in g["rules"]), "every rule evaluates"
     alerts = {rule["name"] for g in groups for rule in g["rules"] if rule["type"] == "alerting"}
-    assert len(alerts) >= 7
+    assert len(alerts) >= 8
     print(f"\n{len(queries)} panel queries returned data; {len(alerts)} alert rules healthy")
     assert orjson.dumps(failures) == b"{}"
     assert lint == {}, lint

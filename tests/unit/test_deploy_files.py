@@ -383,7 +383,7 @@ def test_alerts_are_documented():
     alerts = {rule["alert"]: rule for rule in _rules() if "alert" in rule}
     expected = {"StreamlearnConsumerLagGrowing", "StreamlearnDLQRateHigh", "StreamlearnNoPredictions",
                 "StreamlearnModelQualityLow", "StreamlearnDriftDetected", "StreamlearnServiceDown",
-                "StreamlearnLearnerCheckpointStale"}
+                "StreamlearnLearnerCheckpointStale", "StreamlearnLabelCoverageLow"}
     assert expected <= set(alerts)
     for name, rule in alerts.items():
         assert rule["annotations"].get("summary"), name

@@ -351,6 +351,23 @@ def test_metrics_that_do_not_fit_the_task_fail_at_build():
         monitor(spec)
 
 
+def test_spec_alert_bounds_are_exported_for_the_alert_rules():
+    proc = monitor(load_spec("phishing"))  # thresholds: accuracy {min: 0.7}; min_label_coverage: 0.5
+    assert _sample(proc, "streamlearn_model_quality_threshold",
+                   {"model": "phishing-logreg", "metric": "accuracy", "bound": "min"}) == 0.7
+    assert _sample(proc, "streamlearn_model_quality_threshold",
+                   {"model": "phishing-logreg", "metric": "accuracy", "bound": "max"}) is None
+    assert _sample(proc, "streamlearn_monitor_label_coverage_min", {"model": "phishing-logreg"}) == 0.5
+
+
+def test_bounds_of_unreported_metrics_or_without_a_bound_fail_at_start():
+    spec = spec_of("phishing", ("accuracy: {min: 0.7}", "f1: {min: 0.7}"))
+    with pytest.raises(SpecError, match=r"monitor\.thresholds: \['f1'\] are not reported"):
+        monitor(spec)
+    with pytest.raises(SpecError, match=r"monitor\.thresholds\.accuracy.*min or max"):
+        spec_of("phishing", ("accuracy: {min: 0.7}", "accuracy: {}"))
+
+
 def test_bundled_specs_build_a_monitor():
     for name in ("phishing", "image_segments", "trump_approval", "sensors"):
         proc = monitor(load_spec(name))
