@@ -328,8 +328,8 @@ class KafkaBroker(_KafkaProtocol):
         conf.chmod(0o600)  # may hold SASL passwords
         id_file = self.data_dir / "cluster.id"
         if not id_file.exists():  # what `kafka-storage.sh random-uuid` prints: a base64url UUID
-            id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
-        cmd = self._java("kafka.tools.StorageTool", "format", "-t", id_file.read_text().strip(),
+            id_file.write_text(_cluster_id() + "\n")
+        cmd = self._java("kafka.tools.StorageTool", "format", f"--cluster-id={id_file.read_text().strip()}",
                          "-c", str(conf), "--standalone", "--ignore-formatted")
         _run(cmd, "formatting the Kafka log dir", 120, cwd=self.data_dir)
 
@@ -433,3 +433,12 @@ def create_topics(bootstrap: str, topics: dict[str, dict], *, client_config: dic
         return all(n in md and md[n].error is None and md[n].partitions for n in topics)
 
     _wait_for(visible, timeout, f"topics {sorted(topics)} in the metadata")
+
+
+def _cluster_id() -> str:
+    """A random base64url UUID, as Kafka's ``Uuid.randomUuid`` makes them: never starting with "-"
+    (one in 64 did, and the storage tool's argument parser took it for an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid

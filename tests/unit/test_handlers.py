@@ -515,7 +515,7 @@ def test_publish_failure_is_retried_at_the_next_tick(spec, settings):
     assert [o.value.examples_seen for o in out] == [1]
 
 
-CHECKPOINT_EVERY_ONE = ("checkpoint_every: 200", "checkpoint_every: 1")
+CHECKPOINT_EVERY_ONE = ("checkpoint_every: 50000", "checkpoint_every: 1")
 
 
 def test_committable_checkpoints_when_due_and_returns_the_offsets(settings):
