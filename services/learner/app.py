@@ -138,13 +138,14 @@ class LearnerProcessor:
         candidates += [(f"{self.model_name}.{ch.name}", ch.model, Stage.challenger, ch.window.get(), [])
                        for ch in state.challengers.values()]
         outputs = []
+        lineage = state.lineage.blob()
         for name, model, stage, metric, model_events in candidates:
             try:
                 ann = self.registry.publish(
                     name, model, stage=stage, examples_seen=state.examples_seen, spec_hash=self.spec.spec_hash(),
                     metrics={self._metric_name: metric}, extra=self._provenance() | {"events": model_events},
                     keep=self.spec.learner.keep_versions,
-                    lineage={"runs": state.lineage.runs, "truncated": state.lineage.truncated})
+                    lineage=lineage)
             except redis.RedisError as exc:
                 # publishing is retried at the next tick; learning is never redone because of it
                 self.m_publish_errors.labels(self.name, name).inc()
