@@ -44,8 +44,9 @@ DLQ_PREFIX = "streamlearn."
 GC_THRESHOLDS = (50_000, 10, 10)
 TXN_RETRY_BACKOFF_MS = 10
 # Back-off between attempts to deliver a batch whose outputs the broker refused (a downstream topic
-# unwritable or gone, a broker away): the first retry after 0.1 s, doubling up to one every 5 s, so
-# an outage of N seconds costs about N / 5 + 6 attempts (each counted and logged), not a busy loop.
+# unwritable or gone, a broker away), or to handle one after a transient failure: the first retry
+# after 0.1 s, doubling up to one every 5 s, so an outage of N seconds costs about N / 5 + 6 attempts
+# (each counted and logged), not a busy loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 5.0
 # commit_transaction flushes the transaction's outputs first; when that does not finish in time it
@@ -345,7 +346,7 @@ class StreamApp:
         self._stop.wait(backoff)
 
     def _handle(self, batch: list[Incoming]) -> list[Outgoing]:
-        backoff = 0.1
+        backoff = BACKOFF_FIRST_S
         while True:
             try:
                 results = list(self.processor.handle(batch))
@@ -355,7 +356,7 @@ class StreamApp:
                 log.warning("%s: transient failure (%s); retrying the batch in %.1fs", self.name, exc, backoff)
                 if self._stop.wait(backoff):
                     raise SystemExit(f"{self.name}: stopped during a transient failure; offsets not committed") from exc
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, BACKOFF_CAP_S)
             except Exception:
                 return self._isolate(batch)
         outputs = []

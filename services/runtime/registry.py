@@ -92,12 +92,11 @@ class ModelRegistry:
 
     def publish(self, model: str, obj: Any, *, stage: Stage, examples_seen: int, spec_hash: str,
                 metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None,
-                lineage: dict[str, Any] | bytes | None = None, keep: int = 20) -> ModelAnnouncement:
+                lineage: bytes | None = None, keep: int = 20) -> ModelAnnouncement:
         """Store a new signed version; return its announcement (the caller produces it).
 
-        ``lineage`` (the consumed offset runs, possibly long) is stored zlib-compressed beside the
-        artifact (``bytes``: already compressed JSON, e.g. :meth:`Lineage.blob`); ``extra`` goes into
-        the metadata."""
+        ``lineage`` (the consumed offset runs as zlib-compressed JSON, :meth:`Lineage.blob`) is
+        stored beside the artifact; ``extra`` goes into the metadata."""
         signer = self._require_signer()
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         version = int(self.redis.incr(self._key(model, "next_version")))
@@ -110,8 +109,7 @@ class ModelRegistry:
         pipe = self.redis.pipeline(transaction=True)
         fields = {"artifact": data, "signature": signature, "meta": json.dumps(meta)}
         if lineage is not None:
-            blob = lineage if isinstance(lineage, bytes) else zlib.compress(json.dumps(lineage).encode(), 6)
-            fields["lineage"] = blob
+            fields["lineage"] = lineage
         pipe.hset(announcement.artifact_key, mapping=fields)
         pipe.zadd(self._key(model, "versions"), {str(version): version})
         if stage is Stage.champion:
