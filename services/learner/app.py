@@ -45,6 +45,7 @@ class LearnerProcessor:
         self.models_topic = settings.topics.name("models")
         self.drift_topic = settings.topics.name("drift")
         self._metric_name = "mae" if spec.model.task == "regression" else "accuracy"
+        self._spec_hash = spec.spec_hash()  # dumps and hashes the whole spec: once, not per version
         self.roles = {self.features_topic: "features", self.labels_topic: "labels", self.drift_topic: "drift"}
         self.registry = registry
         self.lease = lease
@@ -142,7 +143,7 @@ class LearnerProcessor:
         for name, model, stage, metric, model_events in candidates:
             try:
                 ann = self.registry.publish(
-                    name, model, stage=stage, examples_seen=state.examples_seen, spec_hash=self.spec.spec_hash(),
+                    name, model, stage=stage, examples_seen=state.examples_seen, spec_hash=self._spec_hash,
                     metrics={self._metric_name: metric}, extra=self._provenance() | {"events": model_events},
                     keep=self.spec.learner.keep_versions,
                     lineage=lineage)

@@ -90,6 +90,7 @@ class StreamApp:
         self.processor = processor
         self.metrics = metrics
         self.name = processor.name
+        self.client_id = f"streamlearn-{self.name}"  # names this service's connections in broker logs and quotas
         self.group_id = group_id or f"{settings.service.group_prefix}-{self.name}"
         self.decoders = processor.subscriptions()
         self.dlq_topic = settings.topics.name("dlq")
@@ -152,10 +153,10 @@ class StreamApp:
                 # (measured: a scorer capped at ~10 batches/s, +100 ms of latency per hop). The Java
                 # client uses 20 ms for this case; 10 ms measured best here (~17 ms per transaction).
                 # Other retries still back off exponentially up to retry.backoff.max.ms (1 s).
-                "retry.backoff.ms": TXN_RETRY_BACKOFF_MS})
+                "retry.backoff.ms": TXN_RETRY_BACKOFF_MS, "client.id": self.client_id})
             self.producer.init_transactions(60)
         else:
-            self.producer = make_producer(self.settings.kafka)
+            self.producer = make_producer(self.settings.kafka, **{"client.id": self.client_id})
         guarantee = "exactly_once" if self.transactional else "at_least_once"
         self.metrics.info.clear()
         self.metrics.info.labels(self.name, VERSION, guarantee).set(1)
@@ -165,26 +166,35 @@ class StreamApp:
         self.copartitioned = bool(getattr(self.processor, "copartitioned", False))
         strategy = {"partition.assignment.strategy": "range"} if self.copartitioned else {}
         self.consumer = make_consumer(self.settings.kafka, self.group_id, stats_cb=self.metrics.on_stats,
-                                      **strategy)
+                                      **{"client.id": self.client_id, **strategy})
         self.consumer.subscribe(list(self.decoders), on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
         log.info("%s consuming %s as group %s", self.name, list(self.decoders), self.group_id)
         tune_gc()
         try:
             while not self._stop.is_set():
-                self._process(self._next_batch(svc.batch_size, svc.poll_timeout_s))
+                self._process(self._next_batch(svc.batch_size, svc.poll_timeout_s, svc.batch_linger_ms / 1000))
                 self._last_loop = time.monotonic()
                 self.metrics.last_batch.labels(self.name).set(time.time())
         finally:
             self._shutdown()
 
-    def _next_batch(self, size: int, timeout: float) -> list[Message]:
+    def _next_batch(self, size: int, timeout: float, linger: float = 0.0) -> list[Message]:
         """Block until one message is there (or ``timeout``), then take whatever else is already
-        fetched, up to ``size``: low latency when idle, big batches under load."""
+        fetched, up to ``size``: low latency when idle, big batches under load. With ``linger``
+        (seconds), keep collecting until the batch is full or ``linger`` has passed since its first
+        message."""
         first = self.consumer.poll(timeout)
         if first is None:
             return []
-        return [first, *self.consumer.consume(size - 1, 0)] if size > 1 else [first]
+        if size == 1:
+            return [first]
+        batch = [first, *self.consumer.consume(size - 1, 0)]
+        if linger > 0:
+            deadline = time.monotonic() + linger
+            while len(batch) < size and (left := deadline - time.monotonic()) > 0:
+                batch += self.consumer.consume(size - len(batch), left)
+        return batch
 
     def _shutdown(self) -> None:
         try:

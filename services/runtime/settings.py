@@ -134,6 +134,8 @@ class ServiceSettings(_Group):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     batch_size: int = Field(default=500, ge=1, le=100_000)
     poll_timeout_s: float = Field(default=0.2, gt=0, le=10)
+    batch_linger_ms: float = Field(default=0, ge=0, le=10_000,
+                                   description="after a batch's first message, wait up to this long for more")
     group_prefix: str = "streamlearn"
     model_signing_key: SecretStr | None = None
     lease_ttl_s: float = Field(default=10.0, ge=1, le=300,

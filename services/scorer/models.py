@@ -63,7 +63,7 @@ class ModelFollower:
 
     def _run(self) -> None:
         consumer = make_consumer(self.kafka, f"scorer-follower-{uuid.uuid4().hex[:8]}",
-                                 **{"enable.partition.eof": True})
+                                 **{"enable.partition.eof": True, "client.id": "streamlearn-scorer-models"})
         try:
             meta = consumer.list_topics(self.topic, timeout=30).topics[self.topic]
             partitions = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions]

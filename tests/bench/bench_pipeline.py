@@ -3,7 +3,7 @@
 Run (not collected by pytest; ``make bench``)::
 
     PYTHONPATH=. python -m tests.bench.bench_pipeline [--events N] [--quick] [--profile] [--soak S]
-        [--env STREAMLEARN_BATCH_SIZE=2000 ...] [--skip bound,alone,e2e,naive]
+        [--settle-s S] [--env STREAMLEARN_BATCH_SIZE=2000 ...] [--skip bound,alone,e2e,naive]
 
 One run starts an Apache Kafka broker (KRaft, single node) and a Redis server from
 :mod:`services.cli.localstack` in a temporary directory, warms the broker's JVM up (produce, fetch
@@ -26,7 +26,10 @@ phase on its own topics (its own topic prefix, consumer groups and Redis namespa
    Sustained throughput: ``--events`` events produced as fast as possible, each label produced when
    the event's prediction is read (labels flow the way they do in production: after the
    prediction); time until every prediction is read by a ``read_committed`` consumer, and until
-   the learner learned every label. Consumer lag of every service's group sampled every second
+   the learner learned every label. Before both, the pipeline runs at the latency rate until the
+   broker's JIT compiler is quiet (``--settle-s``, at most 240 s): a fresh JVM compiles for minutes
+   under this load, and a production broker is past that; the compiler's CPU during each measured
+   run is reported (``kafka_jit_cpu_s``). Consumer lag of every service's group sampled every second
    through the admin API. Latency: 1,000 events/s for ``--latency-s`` seconds, each event's ``ts``
    set when it is produced; latency = the time a ``read_committed`` consumer receives the
    prediction minus the produce time, with a breakdown by hop from ``ingested_at`` and
@@ -116,6 +119,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def jit_cpu_s(pid: int) -> float:
+    """CPU seconds spent by a JVM's JIT compiler threads ("C1/C2 CompilerThread")."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if "CompilerThre" not in (task / "comm").read_text():
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """Resident set size now and its peak (VmHWM), in MiB."""
     out = {}
@@ -177,7 +194,8 @@ def bench_producer(bootstrap: str, **overrides: object) -> Producer:
     return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "compression.type": "lz4",
                      "enable.idempotence": True, "acks": "all", "batch.num.messages": 10000,
                      "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2_000_000,
-                     "log.connection.close": False, "partitioner": "murmur2_random", **overrides})
+                     "log.connection.close": False, "partitioner": "murmur2_random", "client.id": "bench-producer",
+                     **overrides})
 
 
 def produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
@@ -201,7 +219,8 @@ class Collector:
     def __init__(self, bootstrap: str, topics: list[str], from_beginning: bool = False):
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
                                   "enable.auto.commit": False, "isolation.level": "read_committed",
-                                  "fetch.wait.max.ms": 100, "log.connection.close": False})
+                                  "fetch.wait.max.ms": 100, "log.connection.close": False,
+                                  "client.id": "bench-collector"})
         md = self.consumer.list_topics(timeout=30).topics
         parts = []
         for topic in topics:
@@ -697,7 +716,9 @@ class Loop:
         self.bench, self.stack, self.run = bench, stack, run
         t = stack.topics.name
         self.events_topic, self.labels_topic = t("events"), t("labels")
-        self.producer = bench_producer(bench.bootstrap, **{"linger.ms": 1})
+        # librdkafka's default linger (5 ms), as users' producers would have: 1 ms made the load
+        # generator send ~2x the produce requests, and the broker's CPU is the scarce resource here
+        self.producer = bench_producer(bench.bootstrap)
         watch = [t("predictions"), t("models")] + ([t("features")] if features else [])
         self.collector = Collector(bench.bootstrap, watch)
         self.predictions_topic, self.models_topic, self.features_topic = t("predictions"), t("models"), t("features")
@@ -749,18 +770,46 @@ class Loop:
         self.collector.close()
 
 
+def settle_broker(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, max_s: float,
+                  round_s: float = 10.0, quiet: float = 0.1) -> dict[str, Any]:
+    """Run the pipeline at ``rate`` until the broker's JIT compiler has settled: a round of
+    ``round_s`` in which the compiler threads used under ``quiet`` of a core, or ``max_s``.
+
+    A fresh JVM goes on compiling the broker's produce, fetch and transaction paths for minutes
+    (measured: 5-6 CPU-s of compilation in every 12 s at 1,000 events/s for the first ~70 s, half the
+    broker's CPU), which a long-running broker has long done; the numbers measured during it are
+    the JVM's warm-up, not the pipeline's."""
+    started = time.monotonic()
+    rounds: list[float] = []
+    labels = 0
+    while time.monotonic() - started < max_s:
+        before = jit_cpu_s(bench.kafka.pid)
+        labels += paced(bench, stack, pids, rate, round_s, warm_s=0.0)["labels"]
+        rounds.append(round(jit_cpu_s(bench.kafka.pid) - before, 2))
+        log(f"broker warm-up: the JIT compiler used {rounds[-1]} CPU-s in the last round")
+        if rounds[-1] < quiet * round_s:
+            break
+    return {"rate": rate, "seconds": round(time.monotonic() - started, 1), "jit_cpu_s_per_round": rounds,
+            "settled": bool(rounds) and rounds[-1] < quiet * round_s, "labels": labels}
+
+
 def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate: float, profile: bool,
-               soak_s: float) -> dict[str, Any]:
+               soak_s: float, settle_s: float = 0.0) -> dict[str, Any]:
     stack = bench.stack("e2e")
     out: dict[str, Any] = {}
     try:
         pids = start(stack, SERVICES)
+        labels = 0  # sent into this stack so far: the learner's examples_seen counts them all
+        if settle_s > 0:
+            out["broker_warmup"] = settle_broker(bench, stack, pids, latency_rate, settle_s)
+            labels += out["broker_warmup"]["labels"]
         # warm up (imports, first model versions, caches); its events and labels are not measured
         run = uuid.uuid4().hex[:6]
         loop = Loop(bench, stack, run)
         for i in range(warmup):
             loop.send(i)
-        wait_for(lambda: len(loop.received) >= warmup and loop.examples_seen() >= warmup, 180, "the warm-up",
+        labels += warmup
+        wait_for(lambda: len(loop.received) >= warmup and loop.examples_seen() >= labels, 180, "the warm-up",
                  lambda: loop.drain(0.05))
         learned_before = loop.examples_seen()
         loop.close()
@@ -770,6 +819,7 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
         run = uuid.uuid4().hex[:6]
         loop = Loop(bench, stack, run)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()} | bench.servers_cpu()
+        jit0 = jit_cpu_s(bench.kafka.pid)
         lag = LagSampler(bench.bootstrap, groups_of(stack, SERVICES))
         lag.start()
         profiler = Profiler(pids, "throughput") if profile else None
@@ -809,6 +859,7 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
             "cpu_s": cpu,
             "cpu_us_per_event": {k: round(v / n * 1e6, 1) for k, v in cpu.items()},
             "cpu_total_s": round(sum(cpu.values()), 2),
+            "kafka_jit_cpu_s": round(jit_cpu_s(bench.kafka.pid) - jit0, 2),
             "cpu_utilisation_of_machine": round(sum(cpu.values()) / ((drained - started) * (os.cpu_count() or 1)), 2),
             "peak_lag": {k: max((s.get(k, 0) for s in lag_samples), default=0) for k in SERVICES},
             "lag_samples": lag_samples,
@@ -850,6 +901,7 @@ def paced(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, seconds
         elapsed = time.monotonic() - t0
         if i >= first_measured and not cpu0:
             cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()} | bench.servers_cpu()
+            jit0 = jit_cpu_s(bench.kafka.pid)
             measured_from = time.monotonic()
             profiler = Profiler(pids, "latency") if profile else None
         due = min(total, int(elapsed * rate) + 1)
@@ -864,6 +916,7 @@ def paced(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, seconds
     wait_for(lambda: len(loop.received) >= total, 120, "every paced prediction", lambda: loop.drain(0.05))
     measured_s = time.monotonic() - measured_from
     cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()} | bench.servers_cpu()
+    jit = jit_cpu_s(bench.kafka.pid) - jit0
     profiles = profiler.stop() if profile else None
     loop.close()
     e2e, to_ingest, to_score, to_read, scored = [], [], [], [], []
@@ -879,7 +932,7 @@ def paced(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, seconds
         to_read.append((recv - p["scored_at"]) * 1000)
     measured = total - first_measured
     cpu = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1}
-    result = {"rate": rate, "seconds": seconds, "events": measured,
+    result = {"rate": rate, "seconds": seconds, "events": measured, "labels": loop.labels_sent,
               "end_to_end_ms": percentiles(e2e),
               "hops_ms": {"produce_to_ingested": percentiles(to_ingest),
                           "ingested_to_scored": percentiles(to_score),
@@ -887,6 +940,7 @@ def paced(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, seconds
               "prediction_latency_ms_field": percentiles(scored),
               "duplicates_read_committed": loop.duplicates,
               "cpu_s": cpu, "cpu_us_per_event": {k: round(v / measured * 1e6, 1) for k, v in cpu.items()},
+              "kafka_jit_cpu_s": round(jit, 2),
               "cpu_utilisation_of_machine": round(sum(cpu.values()) / (measured_s * (os.cpu_count() or 1)), 2)}
     if profiles:
         result["profiles"] = profiles
@@ -994,11 +1048,10 @@ def naive(bench: Bench, max_events: int, max_s: float) -> dict[str, Any]:
 # ---- report ----------------------------------------------------------------------------------------
 
 def table(results: dict[str, Any]) -> str:
-    b, r = results["compute_bound"], results["river"]
-    e = results["end_to_end"]
-    t, lat = e["throughput"], e["latency"]
-    nv = results["naive"]
-    ing, sco, lrn = results["ingestion_alone"], results["scorer_alone"], results["learner_alone"]
+    """The run's figures, one row each; phases skipped with ``--skip`` are left out."""
+    b, r = results.get("compute_bound"), results.get("river")
+    e = results.get("end_to_end")
+    nv = results.get("naive")
     m = results["machine"]
     rows: list[tuple[str, str]] = []
 
@@ -1009,47 +1062,66 @@ def table(results: dict[str, Any]) -> str:
                    f"{m['load_avg_at_start'][0]:.2f}, at end {results['load_avg_at_end'][0]:.2f} (shared machine)")
     row("stack", f"{m['kafka']}, Redis 6.2, {results['partitions']} partitions, one replica per service")
     row("model", f"{SPEC}: StandardScaler | LogisticRegression (River {m['river']})")
-    row("compute bound: CPU per event",
-        f"{b['cpu_us_per_event']} us  (" + ", ".join(f"{k} {v}" for k, v in b["stages_us_per_event"].items()) + ")")
-    row("compute bound (cores / CPU per event)", f"{b['bound_events_per_s']:,} events/s")
-    row("River in process, one core", f"predict+learn {r['predict_then_learn_per_s']:,}/s, learn "
-        f"{r['learn_one_per_s']:,}/s, predict_proba {r['predict_proba_one_per_s']:,}/s")
-    row(f"streamlearn end to end ({t['events']:,} events + labels)",
-        f"{t['events_per_s']:,} events/s (steady {t['events_per_s_steady']:,}/s)")
-    row("  learner in that run", f"{t['learner_examples_per_s']:,} examples/s "
-                                 f"(steady {t['learner_examples_per_s_steady']:,}/s); all learned after "
-                                 f"{t['seconds_to_last_example']} s")
-    row("  CPU per event by process (us)", ", ".join(f"{k} {v}" for k, v in t["cpu_us_per_event"].items()))
-    services_cpu = sum(t["cpu_us_per_event"][k] for k in SERVICES)
-    row("  CPU per event: 4 services / all processes",
-        f"{services_cpu:.0f} us / {sum(t['cpu_us_per_event'].values()):.0f} us (compute bound: "
-        f"{b['cpu_us_per_event']} us)")
-    row("  machine CPU used", f"{t['cpu_utilisation_of_machine']:.0%}")
-    row("  peak consumer lag (messages)", ", ".join(f"{k} {v:,}" for k, v in t["peak_lag"].items()))
-    ck = e["checkpoint"]
-    row("  learner checkpoints", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes (last), {ck['checkpoints']} written")
-    p = lat["end_to_end_ms"]
-    row(f"latency at {lat['rate']:.0f} events/s ({lat['events']:,} events)",
-        f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
-    for hop, q in lat["hops_ms"].items():
-        row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
-    row("naive loop (poll/produce/flush/commit per message)",
-        f"{nv['events_per_s']} events/s ({nv['events']} events in {nv['seconds']} s, "
-        f"{nv['ms_per_message']} ms/message)")
-    row("streamlearn / compute bound", f"{t['events_per_s'] / b['bound_events_per_s']:.0%}")
-    row("streamlearn / naive", f"{t['events_per_s'] / nv['events_per_s']:.1f}x")
-    row("ingestion alone", f"{ing['events_per_s']:,} events/s, {ing['cpu_us_per_event']} us CPU/event, "
-                           f"peak RSS {ing['peak_rss_mb']} MB")
-    row("scorer alone (1 replica, transactions)", f"{sco['events_per_s']:,} events/s, {sco['cpu_us_per_event']} us "
-        f"CPU/event, mean batch {sco['mean_batch']}, peak RSS {sco['peak_rss_mb']} MB")
-    share = lrn["examples_per_s"] / r["predict_then_learn_per_s"]
-    row("learner alone", f"{lrn['examples_per_s']:,} examples/s ({share:.0%} of River's predict+learn), "
-        f"{lrn['cpu_us_per_example']} us CPU/example")
-    ck = lrn["checkpoint"]
-    row("  checkpoint", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes, {ck['checkpoints']} checkpoints; "
-                        f"{lrn['versions_published']} versions published")
-    row("peak RSS (MB) end to end", ", ".join(f"{k} {v.get('peak_rss_mb')}" for k, v in e["processes"].items()))
-    if "soak" in e:
+    if b and r:
+        row("compute bound: CPU per event",
+            f"{b['cpu_us_per_event']} us  (" + ", ".join(f"{k} {v}" for k, v in b["stages_us_per_event"].items()) + ")")
+        row("compute bound (cores / CPU per event)", f"{b['bound_events_per_s']:,} events/s")
+        row("River in process, one core", f"predict+learn {r['predict_then_learn_per_s']:,}/s, learn "
+            f"{r['learn_one_per_s']:,}/s, predict_proba {r['predict_proba_one_per_s']:,}/s")
+    if e:
+        t, lat = e["throughput"], e.get("latency")
+        if "broker_warmup" in e:
+            w = e["broker_warmup"]
+            row("broker warm-up before measuring", f"{w['seconds']} s at {w['rate']:.0f} events/s; JIT CPU-s per "
+                f"10 s round {w['jit_cpu_s_per_round']} ({'settled' if w['settled'] else 'NOT settled'})")
+        row(f"streamlearn end to end ({t['events']:,} events + labels)",
+            f"{t['events_per_s']:,} events/s (steady {t['events_per_s_steady']:,}/s)")
+        row("  learner in that run", f"{t['learner_examples_per_s']:,} examples/s "
+                                     f"(steady {t['learner_examples_per_s_steady']:,}/s); all learned after "
+                                     f"{t['seconds_to_last_example']} s")
+        row("  CPU per event by process (us)", ", ".join(f"{k} {v}" for k, v in t["cpu_us_per_event"].items()))
+        services_cpu = sum(t["cpu_us_per_event"][k] for k in SERVICES)
+        row("  CPU per event: 4 services / all processes",
+            f"{services_cpu:.0f} us / {sum(t['cpu_us_per_event'].values()):.0f} us"
+            + (f" (compute bound: {b['cpu_us_per_event']} us)" if b else ""))
+        row("  machine CPU used", f"{t['cpu_utilisation_of_machine']:.0%}; broker JIT compiler "
+                                  f"{t.get('kafka_jit_cpu_s')} CPU-s")
+        row("  peak consumer lag (messages)", ", ".join(f"{k} {v:,}" for k, v in t["peak_lag"].items()))
+        ck = e["checkpoint"]
+        row("  learner checkpoints", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes (last), "
+                                     f"{ck['checkpoints']} written")
+        if lat:
+            p = lat["end_to_end_ms"]
+            row(f"latency at {lat['rate']:.0f} events/s ({lat['events']:,} events)",
+                f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
+            for hop, q in lat["hops_ms"].items():
+                row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
+            row("  CPU per event by process (us)", ", ".join(f"{k} {v}" for k, v in lat["cpu_us_per_event"].items()))
+            row("  machine CPU used", f"{lat['cpu_utilisation_of_machine']:.0%}; broker JIT compiler "
+                                      f"{lat.get('kafka_jit_cpu_s')} CPU-s")
+    if nv:
+        row("naive loop (poll/produce/flush/commit per message)",
+            f"{nv['events_per_s']} events/s ({nv['events']} events in {nv['seconds']} s, "
+            f"{nv['ms_per_message']} ms/message)")
+    if e and b:
+        row("streamlearn / compute bound", f"{e['throughput']['events_per_s'] / b['bound_events_per_s']:.0%}")
+    if e and nv:
+        row("streamlearn / naive", f"{e['throughput']['events_per_s'] / nv['events_per_s']:.1f}x")
+    if "ingestion_alone" in results:
+        ing, sco, lrn = results["ingestion_alone"], results["scorer_alone"], results["learner_alone"]
+        row("ingestion alone", f"{ing['events_per_s']:,} events/s, {ing['cpu_us_per_event']} us CPU/event, "
+                               f"peak RSS {ing['peak_rss_mb']} MB")
+        row("scorer alone (1 replica, transactions)", f"{sco['events_per_s']:,} events/s, {sco['cpu_us_per_event']} "
+            f"us CPU/event, mean batch {sco['mean_batch']}, peak RSS {sco['peak_rss_mb']} MB")
+        share = f" ({lrn['examples_per_s'] / r['predict_then_learn_per_s']:.0%} of River's predict+learn)" if r else ""
+        row("learner alone", f"{lrn['examples_per_s']:,} examples/s{share}, {lrn['cpu_us_per_example']} us "
+                             f"CPU/example")
+        ck = lrn["checkpoint"]
+        row("  checkpoint", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes, {ck['checkpoints']} checkpoints; "
+                            f"{lrn['versions_published']} versions published")
+    if e:
+        row("peak RSS (MB) end to end", ", ".join(f"{k} {v.get('peak_rss_mb')}" for k, v in e["processes"].items()))
+    if e and "soak" in e:
         s = e["soak"]
         row(f"soak at {s['rate']:.0f}/s for {s['seconds']:.0f} s: RSS growth (MB)",
             ", ".join(f"{k} {v}" for k, v in s["rss_growth_mb"].items()))
@@ -1084,6 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="py-spy every service during the throughput run")
+    ap.add_argument("--settle-s", type=float, help="before measuring, run at the latency rate until the broker's JIT "
+                    "compiler is quiet, for at most this long (default 240; quick 60; 0 = off)")
     ap.add_argument("--soak", type=float, default=0.0, help="seconds at 50%% of the throughput, sampling RSS")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: bound,alone,e2e,naive")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -1094,6 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.events or (10_000 if quick else 50_000)
     per_service = max(5_000, n // 2) if quick else n
     latency_s = args.latency_s or (8.0 if quick else 20.0)
+    settle_s = args.settle_s if args.settle_s is not None else (60.0 if quick else 240.0)
     naive_events, naive_s = (1_000, 20.0) if quick else (3_000, 60.0)
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {"machine": machine(), "spec": SPEC, "partitions": args.partitions, "quick": quick,
@@ -1128,7 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" not in skip:
             results["end_to_end"] = end_to_end(bench, n, warmup=2000 if not quick else 1000, latency_s=latency_s,
                                                latency_rate=args.latency_rate, profile=args.profile,
-                                               soak_s=args.soak)
+                                               soak_s=args.soak, settle_s=settle_s)
         if "naive" not in skip:
             log(f"naive loop: up to {naive_events} events or {naive_s:.0f} s")
             results["naive"] = naive(bench, naive_events, naive_s)
@@ -1139,8 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load_avg_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if not skip:
-        print(table(results))
+    print(table(results))
     if results.get("end_to_end", {}).get("profiles"):
         print_profiles(results["end_to_end"]["profiles"])
     log(f"done in {results['seconds']} s; results in {args.output}")
