@@ -29,12 +29,13 @@ phase on its own topics (its own topic prefix, consumer groups and Redis namespa
    the learner learned every label. Before both, the pipeline runs at the latency rate until the
    broker's JIT compiler is quiet (``--settle-s``, at most 240 s): a fresh JVM compiles for minutes
    under this load, and a production broker is past that; the compiler's CPU during each measured
-   run is reported (``kafka_jit_cpu_s``). Consumer lag of every service's group sampled every second
-   through the admin API. Latency: 1,000 events/s for ``--latency-s`` seconds, each event's ``ts``
-   set when it is produced; latency = the time a ``read_committed`` consumer receives the
+   run is reported (``kafka_jit_cpu_s``). Consumer lag of every service's group sampled every
+   second through the admin API. Latency: 1,000 events/s for ``--latency-s`` seconds, each event's
+   ``ts`` set when it is produced; latency = the time a ``read_committed`` consumer receives the
    prediction minus the produce time, with a breakdown by hop from ``ingested_at`` and
-   ``scored_at``. CPU seconds and peak RSS (``VmHWM``) per process from ``/proc``, the broker,
-   Redis and the benchmark's own process (the users) included.
+   ``scored_at``; repeated on a stack with ``STREAMLEARN_KAFKA_TRANSACTIONS=off`` (at-least-once,
+   not in ``--quick``) to show what exactly-once costs. CPU seconds and peak RSS (``VmHWM``) per
+   process from ``/proc``, the broker, Redis and the benchmark's own process (the users) included.
 4. **naive baseline** — the tutorial loop in one process: ``poll(1.0)`` one message, stdlib
    ``json``, the same validation, predict with the same River model, ``produce`` + ``flush()`` per
    prediction, a synchronous commit per message, learning each label when it arrives.
@@ -378,13 +379,13 @@ class Bench:
             seen += len(reader.poll(0.2, 10_000)[1])
         reader.close()
 
-    def stack(self, tag: str) -> Stack:
+    def stack(self, tag: str, env: dict[str, str] | None = None) -> Stack:
         prefix = f"b{tag}{uuid.uuid4().hex[:6]}."
         ns = prefix.rstrip(".")
         stack = Stack(self.tmp / f"stack-{ns}", spec=SPEC, broker=self.bootstrap, redis=self.redis.url,
                       partitions=self.partitions, topic_prefix=prefix,
                       extra_env={"STREAMLEARN_REDIS_NAMESPACE": ns, "STREAMLEARN_GROUP_PREFIX": ns,
-                                 "STREAMLEARN_MODEL_SIGNING_KEY": SIGNING_KEY, **self.env})
+                                 "STREAMLEARN_MODEL_SIGNING_KEY": SIGNING_KEY, **self.env, **(env or {})})
         stack.start_servers()  # external broker and Redis: creates the topics only
         stack.group_prefix = ns  # type: ignore[attr-defined]
         return stack
@@ -794,7 +795,7 @@ def settle_broker(bench: Bench, stack: Stack, pids: dict[str, int], rate: float,
 
 
 def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate: float, profile: bool,
-               soak_s: float, settle_s: float = 0.0) -> dict[str, Any]:
+               soak_s: float, settle_s: float = 0.0, at_least_once: bool = True) -> dict[str, Any]:
     stack = bench.stack("e2e")
     out: dict[str, Any] = {}
     try:
@@ -873,6 +874,8 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
             out["latency"] = paced(bench, stack, pids, latency_rate, latency_s, warm_s=2.0, profile=profile)
             if "profiles" in out["latency"]:
                 out.setdefault("profiles", {})["latency"] = out["latency"].pop("profiles")
+        if latency_s > 0 and at_least_once:
+            out["latency_at_least_once"] = latency_without_transactions(bench, latency_rate, latency_s)
         if soak_s:
             rate = max(100.0, round(throughput * 0.5, -2))
             out["soak"] = paced(bench, stack, pids, rate, soak_s, warm_s=5.0, rss_every=5.0)
@@ -880,6 +883,18 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
         out["processes"] |= {"kafka": memory_mb(bench.kafka.pid), "redis": memory_mb(bench.redis.pid)}
         out["checkpoint"] = checkpoint_cost(stack.services["learner"].metrics_url, bench.spec.model.name)
         return out
+    finally:
+        stack.stop()
+
+
+def latency_without_transactions(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
+    """The latency run again on a stack of its own with ``STREAMLEARN_KAFKA_TRANSACTIONS=off``: what
+    exactly-once costs (two transactional hops) against at-least-once on the same broker."""
+    stack = bench.stack("alo", {"STREAMLEARN_KAFKA_TRANSACTIONS": "off"})
+    try:
+        pids = start(stack, SERVICES)
+        paced(bench, stack, pids, rate, 5.0, warm_s=0.0)  # the new stack's first versions and caches
+        return paced(bench, stack, pids, rate, seconds, warm_s=2.0)
     finally:
         stack.stop()
 
@@ -1099,6 +1114,14 @@ def table(results: dict[str, Any]) -> str:
             row("  CPU per event by process (us)", ", ".join(f"{k} {v}" for k, v in lat["cpu_us_per_event"].items()))
             row("  machine CPU used", f"{lat['cpu_utilisation_of_machine']:.0%}; broker JIT compiler "
                                       f"{lat.get('kafka_jit_cpu_s')} CPU-s")
+        alo = e.get("latency_at_least_once")
+        if alo:
+            p = alo["end_to_end_ms"]
+            row(f"latency at {alo['rate']:.0f} events/s, at-least-once (no transactions)",
+                f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
+            for hop, q in alo["hops_ms"].items():
+                row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
+            row("  machine CPU used", f"{alo['cpu_utilisation_of_machine']:.0%}")
     if nv:
         row("naive loop (poll/produce/flush/commit per message)",
             f"{nv['events_per_s']} events/s ({nv['events']} events in {nv['seconds']} s, "
@@ -1203,7 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" not in skip:
             results["end_to_end"] = end_to_end(bench, n, warmup=2000 if not quick else 1000, latency_s=latency_s,
                                                latency_rate=args.latency_rate, profile=args.profile,
-                                               soak_s=args.soak, settle_s=settle_s)
+                                               soak_s=args.soak, settle_s=settle_s, at_least_once=not quick)
         if "naive" not in skip:
             log(f"naive loop: up to {naive_events} events or {naive_s:.0f} s")
             results["naive"] = naive(bench, naive_events, naive_s)
