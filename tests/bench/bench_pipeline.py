@@ -963,6 +963,10 @@ def paced(bench: Bench, stack: Stack, pids: dict[str, int], rate: float, seconds
         result["samples"] = rss
         first = rss[min(2, len(rss) - 1)]  # after the first 10 s: allocator and caches settled
         result["rss_growth_mb"] = {n: round(rss[-1]["rss_mb"][n] - first["rss_mb"][n], 1) for n in pids}
+        # a plateau (e.g. a buffer's high-water mark) against a leak: what the second half added
+        half = min(range(len(rss)), key=lambda k: abs(rss[k]["t"] - rss[-1]["t"] / 2))
+        result["rss_growth_second_half_mb"] = {n: round(rss[-1]["rss_mb"][n] - rss[half]["rss_mb"][n], 1)
+                                               for n in pids}
         result["checkpoint_bytes"] = {"first": first["checkpoint_bytes"], "last": rss[-1]["checkpoint_bytes"]}
         result["cpu_share"] = {"first": first["cpu_share"], "last": rss[-1]["cpu_share"]}
     return result
@@ -1148,6 +1152,11 @@ def table(results: dict[str, Any]) -> str:
         s = e["soak"]
         row(f"soak at {s['rate']:.0f}/s for {s['seconds']:.0f} s: RSS growth (MB)",
             ", ".join(f"{k} {v}" for k, v in s["rss_growth_mb"].items()))
+        if "rss_growth_second_half_mb" in s:
+            row("  RSS growth in the second half (MB)", ", ".join(f"{k} {v}" for k, v in
+                                                                  s["rss_growth_second_half_mb"].items()))
+        row("  latency, machine CPU used", f"p50 {s['end_to_end_ms']['p50']} ms, p99 {s['end_to_end_ms']['p99']} ms; "
+                                          f"{s['cpu_utilisation_of_machine']:.0%}")
         row("  learner checkpoint bytes, first -> last", f"{s['checkpoint_bytes']['first']:,} -> "
             f"{s['checkpoint_bytes']['last']:,}")
         row("  CPU share first -> last", ", ".join(f"{k} {s['cpu_share']['first'].get(k)} -> {v}"
