@@ -1144,8 +1144,9 @@ def table(results: dict[str, Any]) -> str:
         row("learner alone", f"{lrn['examples_per_s']:,} examples/s{share}, {lrn['cpu_us_per_example']} us "
                              f"CPU/example")
         ck = lrn["checkpoint"]
-        row("  checkpoint", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes, {ck['checkpoints']} checkpoints; "
-                            f"{lrn['versions_published']} versions published")
+        written = (f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes, {ck['checkpoints']} checkpoints"
+                   if ck["checkpoints"] else "none written in that run (checkpoints are by time)")
+        row("  checkpoint", f"{written}; {lrn['versions_published']} versions published")
     if e:
         row("peak RSS (MB) end to end", ", ".join(f"{k} {v.get('peak_rss_mb')}" for k, v in e["processes"].items()))
     if e and "soak" in e:
