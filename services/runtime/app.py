@@ -350,7 +350,6 @@ class StreamApp:
         for (topic, partition), offset in starts.items():
             if (topic, partition) in self._assigned:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
-        self._delivery_errors = []
         # the loop goes on after the wait (it polls, so the group membership is kept); a stop
         # requested meanwhile ends it with nothing committed
         self._stop.wait(backoff)

@@ -24,20 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench_pipeline import SERVICES, Bench, jit_cpu_s, log, paced, settle_broker, start
-
-
-def run(bench: Bench, env: dict[str, str], rate: float, seconds: float) -> dict[str, Any]:
-    stack = bench.stack("ab", env)
-    try:
-        pids = start(stack, SERVICES)
-        paced(bench, stack, pids, rate, 3.0, warm_s=0.0)  # first versions, caches
-        jit0 = jit_cpu_s(bench.kafka.pid)
-        res = paced(bench, stack, pids, rate, seconds, warm_s=2.0)
-        res["kafka_jit_cpu_s"] = round(jit_cpu_s(bench.kafka.pid) - jit0, 2)
-        return res
-    finally:
-        stack.stop()
+from tests.bench.bench_pipeline import SERVICES, Bench, latency_on_own_stack, log, settle_broker, start
 
 
 def line(name: str, r: dict[str, Any]) -> str:
@@ -78,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for name, env in configs.items():
                 log(f"round {rnd + 1}: {name} {env}")
-                results[name].append(r := run(bench, env, args.rate, args.seconds))
+                results[name].append(r := latency_on_own_stack(bench, "ab", env, args.rate, args.seconds))
                 print(line(name, r), flush=True)
     finally:
         bench.close()

@@ -112,12 +112,16 @@ def log(msg: str) -> None:
 
 # ---- /proc -----------------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (a process's or one thread's)."""
+    data = stat.read_text()
     fields = data[data.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def jit_cpu_s(pid: int) -> float:
@@ -125,12 +129,10 @@ def jit_cpu_s(pid: int) -> float:
     total = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if "CompilerThre" not in (task / "comm").read_text():
-                continue
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            if "CompilerThre" in (task / "comm").read_text():
+                total += _stat_cpu_s(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
@@ -875,7 +877,9 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
             if "profiles" in out["latency"]:
                 out.setdefault("profiles", {})["latency"] = out["latency"].pop("profiles")
         if latency_s > 0 and at_least_once:
-            out["latency_at_least_once"] = latency_without_transactions(bench, latency_rate, latency_s)
+            # what exactly-once costs (two transactional hops) against at-least-once, same broker
+            out["latency_at_least_once"] = latency_on_own_stack(
+                bench, "alo", {"STREAMLEARN_KAFKA_TRANSACTIONS": "off"}, latency_rate, latency_s)
         if soak_s:
             rate = max(100.0, round(throughput * 0.5, -2))
             out["soak"] = paced(bench, stack, pids, rate, soak_s, warm_s=5.0, rss_every=5.0)
@@ -887,10 +891,10 @@ def end_to_end(bench: Bench, n: int, warmup: int, latency_s: float, latency_rate
         stack.stop()
 
 
-def latency_without_transactions(bench: Bench, rate: float, seconds: float) -> dict[str, Any]:
-    """The latency run again on a stack of its own with ``STREAMLEARN_KAFKA_TRANSACTIONS=off``: what
-    exactly-once costs (two transactional hops) against at-least-once on the same broker."""
-    stack = bench.stack("alo", {"STREAMLEARN_KAFKA_TRANSACTIONS": "off"})
+def latency_on_own_stack(bench: Bench, tag: str, env: dict[str, str], rate: float,
+                         seconds: float) -> dict[str, Any]:
+    """A latency run (:func:`paced`) on a fresh stack whose services get ``env`` on top of the run's."""
+    stack = bench.stack(tag, env)
     try:
         pids = start(stack, SERVICES)
         paced(bench, stack, pids, rate, 5.0, warm_s=0.0)  # the new stack's first versions and caches
@@ -1077,6 +1081,12 @@ def table(results: dict[str, Any]) -> str:
     def row(label: str, value: object) -> None:
         rows.append((label, str(value)))
 
+    def latency_rows(title: str, run: dict[str, Any]) -> None:
+        p = run["end_to_end_ms"]
+        row(title, f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
+        for hop, q in run["hops_ms"].items():
+            row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
+
     row("machine", f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; load avg (1 min) at start "
                    f"{m['load_avg_at_start'][0]:.2f}, at end {results['load_avg_at_end'][0]:.2f} (shared machine)")
     row("stack", f"{m['kafka']}, Redis 6.2, {results['partitions']} partitions, one replica per service")
@@ -1110,21 +1120,13 @@ def table(results: dict[str, Any]) -> str:
         row("  learner checkpoints", f"{ck['mean_ms']} ms mean, {ck['bytes']:,} bytes (last), "
                                      f"{ck['checkpoints']} written")
         if lat:
-            p = lat["end_to_end_ms"]
-            row(f"latency at {lat['rate']:.0f} events/s ({lat['events']:,} events)",
-                f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
-            for hop, q in lat["hops_ms"].items():
-                row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
+            latency_rows(f"latency at {lat['rate']:.0f} events/s ({lat['events']:,} events)", lat)
             row("  CPU per event by process (us)", ", ".join(f"{k} {v}" for k, v in lat["cpu_us_per_event"].items()))
             row("  machine CPU used", f"{lat['cpu_utilisation_of_machine']:.0%}; broker JIT compiler "
                                       f"{lat.get('kafka_jit_cpu_s')} CPU-s")
         alo = e.get("latency_at_least_once")
         if alo:
-            p = alo["end_to_end_ms"]
-            row(f"latency at {alo['rate']:.0f} events/s, at-least-once (no transactions)",
-                f"p50 {p['p50']} ms, p95 {p['p95']} ms, p99 {p['p99']} ms, max {p['max']} ms")
-            for hop, q in alo["hops_ms"].items():
-                row(f"  {hop}", f"p50 {q.get('p50')} ms, p99 {q.get('p99')} ms")
+            latency_rows(f"latency at {alo['rate']:.0f} events/s, at-least-once (no transactions)", alo)
             row("  machine CPU used", f"{alo['cpu_utilisation_of_machine']:.0%}")
     if nv:
         row("naive loop (poll/produce/flush/commit per message)",

@@ -9,16 +9,7 @@ import time
 from services.runtime.app import StreamApp
 from services.runtime.metrics import RuntimeMetrics
 from services.runtime.settings import Settings
-
-
-class Processor:
-    name = "stub"
-
-    def subscriptions(self):
-        return {"t.in": lambda raw: raw}
-
-    def handle(self, batch):
-        return []
+from tests.unit.test_app_backoff import Processor
 
 
 class TimedConsumer:
@@ -54,39 +45,39 @@ class TimedConsumer:
         return self._take(n)
 
 
-def app(monkeypatch, consumer) -> StreamApp:
+def app(consumer) -> StreamApp:
     a = StreamApp(Settings(), Processor(), RuntimeMetrics("stub"))
     a.consumer = consumer
     return a
 
 
-def test_without_linger_a_batch_is_what_is_already_there(monkeypatch):
+def test_without_linger_a_batch_is_what_is_already_there():
     consumer = TimedConsumer([0.0, 0.0, 0.0, 0.3])
-    batch = app(monkeypatch, consumer)._next_batch(10, 1.0)
+    batch = app(consumer)._next_batch(10, 1.0)
     assert len(batch) == 3  # the fourth arrives later: not waited for
     assert [c[0] for c in consumer.calls] == ["poll", "consume"] and consumer.calls[1][2] == 0
 
 
-def test_linger_collects_until_it_has_passed_since_the_first_message(monkeypatch):
+def test_linger_collects_until_it_has_passed_since_the_first_message():
     consumer = TimedConsumer([0.0, 0.02, 0.05, 0.6])
     started = time.monotonic()
-    batch = app(monkeypatch, consumer)._next_batch(10, 1.0, linger=0.15)
+    batch = app(consumer)._next_batch(10, 1.0, linger=0.15)
     took = time.monotonic() - started
     assert len(batch) == 3  # the one at 0.6 s is past the linger
     assert 0.14 <= took < 0.5
 
 
-def test_linger_ends_as_soon_as_the_batch_is_full(monkeypatch):
+def test_linger_ends_as_soon_as_the_batch_is_full():
     consumer = TimedConsumer([0.0, 0.01, 0.02, 0.03, 0.04])
     started = time.monotonic()
-    batch = app(monkeypatch, consumer)._next_batch(4, 1.0, linger=2.0)
+    batch = app(consumer)._next_batch(4, 1.0, linger=2.0)
     assert len(batch) == 4
     assert time.monotonic() - started < 1.0
 
 
-def test_an_idle_consumer_returns_an_empty_batch_after_the_poll_timeout(monkeypatch):
+def test_an_idle_consumer_returns_an_empty_batch_after_the_poll_timeout():
     consumer = TimedConsumer([])
-    assert app(monkeypatch, consumer)._next_batch(10, 0.05, linger=1.0) == []
+    assert app(consumer)._next_batch(10, 0.05, linger=1.0) == []
     assert [c[0] for c in consumer.calls] == ["poll"]
 
 
